@@ -1,0 +1,175 @@
+"""Component base classes and the core's own components (the default plugin).
+
+A component is a small pydantic model: its fields are its configuration (validated, JSON-able),
+its per-generation working state lives in private attributes set up in :meth:`Component.setup`.
+Per-token methods (``pre_logits``, ``process_logits``, ``accept``, ``cache_update``) have the
+signatures of the matching hooks in :mod:`decodekit.hookspecs`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from decodekit.state import DecodeState
+
+Kind = Literal["cache", "processor", "sampler", "drafter"]
+
+
+class Component(BaseModel):
+    """Base of every strategy component.
+
+    Subclasses set ``kind`` and implement the per-token methods they need; a method left
+    undefined costs nothing (it is not resolved into the loop).
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, validate_assignment=True)
+
+    kind: ClassVar[Kind]
+    #: Name in JSON strategies; defaults to the class name.
+    name: ClassVar[str | None] = None
+
+    @classmethod
+    def component_name(cls) -> str:
+        return cls.name or cls.__name__
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # A single positional value fills the first declared field: ``TopK(50)``.
+        if args:
+            if len(args) > 1:
+                raise TypeError(f"{type(self).__name__} takes at most one positional value, got {len(args)}")
+            fields = list(type(self).model_fields)
+            if not fields:
+                raise TypeError(f"{type(self).__name__} takes no configuration")
+            kwargs = {fields[0]: args[0], **kwargs}
+        super().__init__(**kwargs)
+
+    def setup(self, state: DecodeState) -> None:
+        """Reset per-generation working state (called once before prefill)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.component_name(), **self.model_dump(mode="json")}
+
+
+class Processor(Component):
+    """Turns ``state.scores`` ``[B, T, V]`` into new scores (see ``decodekit_process_logits``)."""
+
+    kind: ClassVar[Kind] = "processor"
+
+    def process_logits(self, state: DecodeState) -> torch.Tensor | None:  # pragma: no cover
+        raise NotImplementedError
+
+
+class Sampler(Component):
+    """Picks the token at every verified position.
+
+    ``sample`` returns ``(tokens [B, T], probs [B, T, V] | None)``; ``probs`` is ``None`` for a
+    deterministic sampler (greedy), otherwise the exact distribution sampled from, which lossless
+    speculative verification needs.
+    """
+
+    kind: ClassVar[Kind] = "sampler"
+
+    def sample(self, state: DecodeState) -> tuple[torch.Tensor, torch.Tensor | None]:  # pragma: no cover
+        raise NotImplementedError
+
+
+class Drafter(Component):
+    """Proposes tokens for the target model to verify (see ``decodekit_pre_logits``)."""
+
+    kind: ClassVar[Kind] = "drafter"
+
+    #: Deepest rollback this drafter can cause (caches with bounded windows keep this many extra).
+    def max_proposals(self) -> int:
+        return int(getattr(self, "k", 0))
+
+
+class Cache(Component):
+    """Owns the model call and the KV cache.
+
+    The base implementation runs a transformers model over the slots it has not seen yet plus this
+    step's inputs. Subclasses keep ``self._seen`` (slots already in the KV cache) and the cache
+    object; ``cache_update`` crops it to ``state.n_slots``.
+    """
+
+    kind: ClassVar[Kind] = "cache"
+
+    def setup(self, state: DecodeState) -> None:
+        self._seen = 0
+
+    def past_key_values(self) -> Any:
+        return None
+
+    def forward(self, state: DecodeState, inputs: torch.Tensor) -> torch.Tensor:
+        """Run the model; ``inputs`` ``[B, T]`` are ``last`` plus the proposals. Returns the
+        logits of those T positions, ``[B, T, V]``."""
+        seen, T = self._seen, inputs.shape[1]
+        B = inputs.shape[0]
+        new_pos = (state.committed - 1)[:, None] + torch.arange(T, device=state.device)
+        input_ids = torch.cat([state.tokens[:, seen:], inputs], 1)
+        position_ids = torch.cat([state.slot_positions()[:, seen:], new_pos], 1)
+        mask = torch.cat([state.valid, torch.ones(B, T, dtype=torch.bool, device=state.device)], 1)
+        pkv = self.past_key_values()
+        out = state.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=mask.long(),
+            past_key_values=pkv,
+            use_cache=pkv is not None,
+            logits_to_keep=T,
+        )
+        if pkv is not None:
+            self._seen = state.n_slots + T
+        return out.logits[:, -T:]
+
+    def cache_update(self, state: DecodeState) -> None:
+        """Keep exactly ``state.n_slots`` slots."""
+
+    def allocated_bytes(self) -> int:
+        """Bytes this cache holds now (0 for no cache)."""
+        return 0
+
+
+class NoCache(Cache):
+    """No KV cache: every step recomputes the whole sequence. Correct and slow; the baseline that
+    shows what a KV cache buys."""
+
+
+class Greedy(Sampler):
+    """Argmax at every position."""
+
+    def sample(self, state: DecodeState) -> tuple[torch.Tensor, None]:
+        return state.scores.argmax(-1), None
+
+
+class HFProcessor(Processor):
+    """Wraps a transformers ``LogitsProcessor`` (any callable ``(input_ids, scores) -> scores``).
+
+    It is called once per verified position with that position's prefix (committed tokens plus
+    the proposals before it, left-padded like transformers' own ``input_ids``). Not serialisable
+    to JSON: build it in Python.
+    """
+
+    processor: Any
+
+    def process_logits(self, state: DecodeState) -> torch.Tensor:
+        scores = state.scores
+        committed = state.committed_ids()
+        out = []
+        for t in range(scores.shape[1]):
+            ids = torch.cat([committed, state.proposals[:, :t]], 1)
+            out.append(self.processor(ids, scores[:, t].clone()))
+        return torch.stack(out, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        from decodekit.errors import DecodekitError
+
+        raise DecodekitError(
+            f"HFProcessor({type(self.processor).__name__}) wraps a Python object and cannot be saved "
+            "as JSON; use the equivalent decodekit component (e.g. from decodekit-samplers) instead."
+        )
+
+
+CORE_COMPONENTS: tuple[type[Component], ...] = (NoCache, Greedy, HFProcessor)

@@ -1,0 +1,334 @@
+"""The decode loop: prefill -> [pre-logits -> forward -> process-logits -> select/verify ->
+accept/rollback -> cache-update]*.
+
+Prefill is simply the first step: the cache has seen no slot yet, so the forward covers the whole
+prompt. Every step verifies ``T = 1 + k`` positions per row (k proposals from a drafter, 0 without).
+Per-token hooks are resolved once into tuples of plain functions; the only host sync per step is the
+stop check (plus decoding text when streaming or watching stop strings).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from decodekit.errors import DecodekitError
+from decodekit.plugins import get_plugin_manager
+from decodekit.state import DecodeState, Proposal
+from decodekit.strategy import Strategy
+from decodekit.verify import verify
+
+Fns = tuple[tuple[str, Callable], ...]
+
+
+@dataclass
+class GenerationResult:
+    """What :func:`generate` returns."""
+
+    token_ids: list[list[int]]         # new tokens per row
+    texts: list[str]                   # new text per row (stop strings cut off)
+    stats: dict[str, Any]
+    finish_reasons: list[str] = field(default_factory=list)  # "eos" | "stop" | "length"
+
+
+# ---------------------------------------------------------------------------- setup
+def _messages(p: Any) -> list[dict[str, str]]:
+    if isinstance(p, str):
+        return [{"role": "user", "content": p}]
+    if isinstance(p, (list, tuple)) and all(isinstance(m, dict) for m in p):
+        return list(p)
+    raise DecodekitError(f"chat prompts are strings or lists of {{'role', 'content'}} dicts, got {p!r}")
+
+
+def tokenize_prompts(tokenizer: Any, prompts: Any, chat: bool) -> tuple[list[list[int]], bool]:
+    """Token ids per prompt; returns ``(ids, single)``."""
+    single = isinstance(prompts, str) or (chat and isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], dict))
+    if single:
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+        raise DecodekitError("prompts is empty: pass a string or a non-empty list of strings")
+    ids = []
+    for i, p in enumerate(prompts):
+        if chat:
+            msgs = _messages(p)
+            if not any(m.get("content") for m in msgs):
+                raise DecodekitError(f"prompt {i} is empty: give it some text")
+            out = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            if isinstance(out, dict) or hasattr(out, "input_ids"):
+                out = out["input_ids"]
+            ids.append(list(out))
+        else:
+            if not isinstance(p, str):
+                raise DecodekitError(f"prompt {i} is a {type(p).__name__}, not a string (pass chat=True for messages)")
+            if p == "":
+                raise DecodekitError(f"prompt {i} is empty: give it some text")
+            ids.append(list(tokenizer(p)["input_ids"]))
+            if not ids[-1]:
+                raise DecodekitError(f"prompt {i} tokenized to no tokens")
+    return ids, single
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    eos: list[int] = []
+    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
+        v = getattr(src, "eos_token_id", None)
+        if v is None:
+            continue
+        for x in v if isinstance(v, (list, tuple)) else [v]:
+            if x is not None and int(x) not in eos:
+                eos.append(int(x))
+        if eos:
+            break
+    return eos
+
+
+def _row_seeds(seed: int | Sequence[int] | None, B: int) -> torch.Tensor:
+    if seed is None:
+        seed = int(torch.randint(0, 2**31, (1,)).item())
+    if isinstance(seed, int):
+        # Row r gets its own stream; the same (seed, row) gives the same output in any batch.
+        return torch.tensor([(seed * 1_000_003 + r) % (1 << 62) for r in range(B)], dtype=torch.long)
+    seeds = list(seed)
+    if len(seeds) != B:
+        raise DecodekitError(f"seed has {len(seeds)} entries for {B} prompts: give one per prompt or a single int")
+    return torch.tensor([int(s) % (1 << 62) for s in seeds], dtype=torch.long)
+
+
+def context_length(model: Any) -> int | None:
+    cfg = model.config
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+def prepare(
+    model: Any,
+    tokenizer: Any,
+    prompts: Any,
+    strategy: Strategy | dict | str | None,
+    *,
+    max_new_tokens: int,
+    seed: int | Sequence[int] | None = None,
+    stop: Sequence[str] | None = None,
+    chat: bool = False,
+) -> tuple[DecodeState, Strategy]:
+    """Validate everything and build the initial state, before any compute."""
+    if isinstance(strategy, str):
+        strategy = Strategy.from_json(strategy)
+    elif isinstance(strategy, dict):
+        strategy = Strategy.from_dict(strategy)
+    strategy = strategy or Strategy()
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise DecodekitError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    ids, _ = tokenize_prompts(tokenizer, prompts, chat)
+    B = len(ids)
+    lengths = [len(x) for x in ids]
+    ctx = context_length(model)
+    if ctx is not None:
+        longest = max(lengths)
+        if longest > ctx:
+            i = lengths.index(longest)
+            raise DecodekitError(f"prompt {i} has {longest} tokens, longer than the model's context of {ctx}: shorten it")
+        if longest + max_new_tokens > ctx:
+            raise DecodekitError(
+                f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of {ctx}: "
+                f"use max_new_tokens <= {ctx - longest}"
+            )
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        # Left padding is masked out, so any id works; the EOS id is what transformers picks too.
+        eos = _eos_ids(model, tokenizer)
+        pad = eos[0] if eos else 0
+    device = model.get_input_embeddings().weight.device
+    P = max(lengths)
+    grid = torch.full((B, P), pad, dtype=torch.long)
+    mask = torch.zeros((B, P), dtype=torch.bool)
+    for r, x in enumerate(ids):
+        grid[r, P - len(x):] = torch.tensor(x, dtype=torch.long)
+        mask[r, P - len(x):] = True
+    grid, mask = grid.to(device), mask.to(device)
+    cfg = model.config
+    vocab = getattr(getattr(cfg, "get_text_config", lambda: cfg)(), "vocab_size", None) or len(tokenizer)
+    state = DecodeState(
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        batch_size=B,
+        vocab_size=int(vocab),
+        prompt_ids=ids,
+        prompt_lengths=torch.tensor(lengths, device=device),
+        seeds=_row_seeds(seed, B).to(device),
+        max_new_tokens=max_new_tokens,
+        eos_token_ids=torch.tensor(_eos_ids(model, tokenizer) if strategy.stop_at_eos else [], dtype=torch.long, device=device),
+        pad_token_id=int(pad),
+    )
+    state.tokens, state.valid = grid[:, : P - 1], mask[:, : P - 1]
+    state.last = grid[:, P - 1].clone()
+    state.committed = state.prompt_lengths.clone()
+    state.n_new = torch.zeros(B, dtype=torch.long, device=device)
+    state.finished = torch.zeros(B, dtype=torch.bool, device=device)
+    state.extras["stop"] = list(strategy.stop) + list(stop or [])
+    state.extras["strategy"] = strategy
+    return state, strategy
+
+
+# ---------------------------------------------------------------------------- one step
+def _commit(state: DecodeState, inputs: torch.Tensor, n: torch.Tensor, nxt: torch.Tensor) -> None:
+    """Append this step's committed tokens: per row the first ``n`` proposals and ``nxt``."""
+    B, T = inputs.shape
+    ar = torch.arange(T, device=state.device)
+    step_tokens = torch.cat([inputs[:, 1:], torch.zeros_like(inputs[:, :1])], 1)
+    step_tokens.scatter_(1, n[:, None], nxt[:, None])
+    count = torch.minimum(n + 1, state.max_new_tokens - state.n_new)
+    if state.eos_token_ids.numel():
+        is_eos = torch.isin(step_tokens, state.eos_token_ids) & (ar[None] < count[:, None])
+        first = torch.where(is_eos.any(1), is_eos.long().argmax(1), T)
+        count = torch.minimum(count, first + 1)
+        eos_hit = is_eos.any(1)
+    else:
+        eos_hit = torch.zeros_like(state.finished)
+    count = count.masked_fill(state.finished, 0)
+
+    cap = state.out_tokens.shape[1]
+    if cap < state.max_new_tokens + T:
+        grow = torch.zeros(B, state.max_new_tokens + T - cap, dtype=torch.long, device=state.device)
+        state.out_tokens = torch.cat([state.out_tokens, grow], 1)
+    state.out_tokens.scatter_(1, state.n_new[:, None] + ar[None], step_tokens)
+    # Slot t of this step holds inputs[:, t]; it is committed-and-not-last iff t < count.
+    state.tokens = torch.cat([state.tokens, inputs], 1)
+    state.valid = torch.cat([state.valid, ar[None] < count[:, None]], 1)
+    new_last = step_tokens.gather(1, (count - 1).clamp_min(0)[:, None])[:, 0]
+    state.last = torch.where(count > 0, new_last, state.last)
+    state.committed = state.committed + count
+    state.n_new = state.n_new + count
+    state.finished = state.finished | (state.n_new >= state.max_new_tokens) | (eos_hit & (count > 0))
+    state.step_tokens, state.accepted = step_tokens, count
+    state.rolled_back = torch.zeros_like(count)
+
+
+def _apply_rollback(state: DecodeState, m: torch.Tensor) -> None:
+    """Un-commit the last ``m[r]`` tokens of each row (requested by a component)."""
+    m = torch.minimum(m.clamp_min(0), state.n_new)
+    # Rank valid slots from the end (1 = the last valid slot). Removing m tokens drops `last` and
+    # the m-1 slots before it; the m-th slot from the end becomes the new pending token.
+    rank = state.valid.flip(1).long().cumsum(1).flip(1)
+    hit = state.valid & (rank == m[:, None])
+    new_last = state.tokens.gather(1, hit.long().argmax(1, keepdim=True))[:, 0]
+    state.last = torch.where(m > 0, new_last, state.last)
+    state.valid = state.valid & ~(rank <= m[:, None])
+    state.committed = state.committed - m
+    state.n_new = state.n_new - m
+    state.finished = (state.finished & (m == 0)) | (state.n_new >= state.max_new_tokens)
+    state.accepted = torch.zeros_like(m)
+    state.rolled_back = m
+
+
+def _trim(state: DecodeState) -> None:
+    """Drop trailing slots that are holes in every row (one host sync; at batch 1 the cache then
+    holds exactly the committed tokens minus the last)."""
+    S = state.n_slots
+    used = state.valid.any(0)
+    keep = int((used.long() * torch.arange(1, S + 1, device=state.device)).max()) if S else 0
+    if keep < S:
+        state.tokens, state.valid = state.tokens[:, :keep], state.valid[:, :keep]
+
+
+def _call(fns: Fns, state: DecodeState) -> None:
+    for label, fn in fns:
+        try:
+            fn(state)
+        except Exception as e:
+            e.add_note(f"decodekit: raised in {label}")
+            raise
+
+
+def run(state: DecodeState, strategy: Strategy) -> Iterator[DecodeState]:
+    """Run the loop, yielding the state after every step (committed tokens are final)."""
+    pm = get_plugin_manager()
+    cache, processors, sampler, drafter = strategy.resolved()
+    components = [cache, *processors, sampler] + ([drafter] if drafter else [])
+
+    def resolve(hook: str, comps: list) -> Fns:
+        own = tuple((f"{type(c).__name__}.{hook}", getattr(c, hook)) for c in comps if callable(getattr(c, hook, None)))
+        return own + pm.per_token(hook)
+
+    pre = resolve("pre_logits", [drafter] if drafter else [])
+    proc = resolve("process_logits", processors)
+    acc = resolve("accept", components)
+    upd = resolve("cache_update", [cache])
+    k_max = drafter.max_proposals() if drafter else 0
+    state.out_tokens = torch.zeros(state.batch_size, state.max_new_tokens + k_max + 1, dtype=torch.long, device=state.device)
+    state.proposals = torch.zeros(state.batch_size, 0, dtype=torch.long, device=state.device)
+    drafted = torch.zeros((), dtype=torch.long, device=state.device)
+    matched = torch.zeros((), dtype=torch.long, device=state.device)
+    for c in components:
+        c.setup(state)
+    pm.call("decodekit_generation_start", state=state)
+    try:
+        while True:
+            # pre-logits: a drafter may propose up to k tokens per row
+            proposal = None
+            for label, fn in pre:
+                try:
+                    proposal = fn(state)
+                except Exception as e:
+                    e.add_note(f"decodekit: raised in {label}")
+                    raise
+                if proposal is not None:
+                    break
+            B = state.batch_size
+            if proposal is not None and proposal.tokens.shape[1] > 0:
+                state.proposals = proposal.tokens.to(state.device, torch.long)
+                k = state.proposals.shape[1]
+                lengths = proposal.lengths if proposal.lengths is not None else torch.full((B,), k)
+                state.n_proposed = lengths.to(state.device).clamp(0, k).masked_fill(state.finished, 0)
+            else:
+                proposal = None
+                state.proposals = state.proposals[:, :0]
+                state.n_proposed = torch.zeros(B, dtype=torch.long, device=state.device)
+            state.proposal = proposal
+            # forward: one model call over all rows and all proposed positions
+            inputs = torch.cat([state.last[:, None], state.proposals], 1)  # [B, T]
+            try:
+                logits = cache.forward(state, inputs)  # [B, T, V]
+            except Exception as e:
+                e.add_note(f"decodekit: raised in {type(cache).__name__}.forward")
+                raise
+            state.forward_passes += 1
+            # process-logits: the ordered processors, per position
+            state.scores = logits.to(state.device, torch.float32)
+            for label, fn in proc:
+                try:
+                    out = fn(state)
+                except Exception as e:
+                    e.add_note(f"decodekit: raised in {label}")
+                    raise
+                if out is not None:
+                    state.scores = out
+            # select + verify
+            target, probs = sampler.sample(state)
+            n, nxt = verify(state, target, probs, proposal)
+            n = n.masked_fill(state.finished, 0)
+            drafted += state.n_proposed.sum()
+            matched += n.sum()
+            state.n_matched = n
+            _commit(state, inputs, n, nxt)
+            # accept/rollback: every stateful component learns what was committed
+            _call(acc, state)
+            if state._rollback is not None:
+                m, state._rollback = state._rollback, None
+                _apply_rollback(state, m)
+                _call(acc, state)
+                state._rollback = None
+            _trim(state)
+            # cache-update: keep exactly the committed prefix minus the last token
+            _call(upd, state)
+            state.step += 1
+            state.counters["drafted"], state.counters["matched"] = drafted, matched
+            yield state
+            if bool(state.finished.all()):
+                break
+    finally:
+        pm.call("decodekit_generation_end", state=state)
