@@ -40,6 +40,18 @@ def decodekit_register_components(register: Callable[..., None]) -> None:
 
 
 @hookspec
+def decodekit_register_commands(subparsers: Any) -> None:
+    """Add subcommands to the ``decodekit`` CLI.
+
+    ``subparsers`` is an ``argparse`` sub-parsers object: call ``subparsers.add_parser(name, ...)``
+    and ``parser.set_defaults(func=callable)``; the callable receives the parsed ``args`` and
+    returns an exit code.
+
+    Runs once per CLI start; every implementation is called.
+    """
+
+
+@hookspec
 def decodekit_generation_start(state: DecodeState) -> None:
     """A generation is about to prefill: ``state`` holds the prompts, nothing is committed yet.
 
