@@ -8,7 +8,7 @@ signatures of the matching hooks in :mod:`decodekit.hookspecs`.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -123,6 +123,17 @@ class Cache(Component):
         if pkv is not None:
             self._seen = state.n_slots + T
         return out.logits[:, -T:]
+
+    def step(self, state: DecodeState, inputs: torch.Tensor, process: Callable[[DecodeState], None], sampler: "Sampler") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One whole decode step: forward, the processors (``process(state)``) and selection.
+
+        Returns the sampler's ``(tokens [B, T], probs [B, T, V] | None)``. The default runs the three
+        eagerly; a cache that owns static buffers may override it to run them as one captured CUDA
+        graph / ``torch.compile`` step (gpt-fast compiles exactly this unit).
+        """
+        state.scores = self.forward(state, inputs).to(state.device, torch.float32)  # [B, T, V]
+        process(state)
+        return sampler.sample(state)
 
     def cache_update(self, state: DecodeState) -> None:
         """Keep exactly ``state.n_slots`` slots."""

@@ -225,14 +225,19 @@ def _apply_rollback(state: DecodeState, m: torch.Tensor) -> None:
     state.rolled_back = m
 
 
-def _trim(state: DecodeState) -> None:
-    """Drop trailing slots that are holes in every row (one host sync; at batch 1 the cache then
-    holds exactly the committed tokens minus the last)."""
+def _trim(state: DecodeState) -> bool:
+    """Drop trailing slots that are holes in every row (at batch 1 the cache then holds exactly the
+    committed tokens minus the last) and return whether every row has finished.
+
+    Both answers come back in one host sync: the only one per step (the stop check).
+    """
     S = state.n_slots
     used = state.valid.any(0)
-    keep = int((used.long() * torch.arange(1, S + 1, device=state.device)).max()) if S else 0
+    keep = (used.long() * torch.arange(1, S + 1, device=state.device)).max() if S else state.n_new.new_zeros(())
+    keep, done = torch.stack([keep, state.finished.all().long()]).tolist()
     if keep < S:
         state.tokens, state.valid = state.tokens[:, :keep], state.valid[:, :keep]
+    return bool(done)
 
 
 def _call(fns: Fns, state: DecodeState) -> None:
@@ -259,6 +264,17 @@ def run(state: DecodeState, strategy: Strategy) -> Iterator[DecodeState]:
     acc = resolve("accept", components)
     upd = resolve("cache_update", [cache])
     k_max = drafter.max_proposals() if drafter else 0
+
+    def process(state: DecodeState) -> None:
+        for label, fn in proc:
+            try:
+                out = fn(state)
+            except Exception as e:
+                e.add_note(f"decodekit: raised in {label}")
+                raise
+            if out is not None:
+                state.scores = out
+
     state.out_tokens = torch.zeros(state.batch_size, state.max_new_tokens + k_max + 1, dtype=torch.long, device=state.device)
     state.proposals = torch.zeros(state.batch_size, 0, dtype=torch.long, device=state.device)
     drafted = torch.zeros((), dtype=torch.long, device=state.device)
@@ -289,26 +305,17 @@ def run(state: DecodeState, strategy: Strategy) -> Iterator[DecodeState]:
                 state.proposals = state.proposals[:, :0]
                 state.n_proposed = torch.zeros(B, dtype=torch.long, device=state.device)
             state.proposal = proposal
-            # forward: one model call over all rows and all proposed positions
+            # forward (one model call over all rows and all proposed positions), process-logits
+            # (the ordered processors, per position) and select: one unit the cache may capture
             inputs = torch.cat([state.last[:, None], state.proposals], 1)  # [B, T]
             try:
-                logits = cache.forward(state, inputs)  # [B, T, V]
+                target, probs = cache.step(state, inputs, process, sampler)  # [B, T], [B, T, V] | None
             except Exception as e:
-                e.add_note(f"decodekit: raised in {type(cache).__name__}.forward")
+                if not any(n.startswith("decodekit: raised in") for n in getattr(e, "__notes__", ())):
+                    e.add_note(f"decodekit: raised in {type(cache).__name__}.step (forward or {type(sampler).__name__}.sample)")
                 raise
             state.forward_passes += 1
-            # process-logits: the ordered processors, per position
-            state.scores = logits.to(state.device, torch.float32)
-            for label, fn in proc:
-                try:
-                    out = fn(state)
-                except Exception as e:
-                    e.add_note(f"decodekit: raised in {label}")
-                    raise
-                if out is not None:
-                    state.scores = out
-            # select + verify
-            target, probs = sampler.sample(state)
+            # verify
             n, nxt = verify(state, target, probs, proposal)
             n = n.masked_fill(state.finished, 0)
             drafted += state.n_proposed.sum()
@@ -322,13 +329,14 @@ def run(state: DecodeState, strategy: Strategy) -> Iterator[DecodeState]:
                 _apply_rollback(state, m)
                 _call(acc, state)
                 state._rollback = None
-            _trim(state)
+            done = _trim(state)
             # cache-update: keep exactly the committed prefix minus the last token
             _call(upd, state)
             state.step += 1
             state.counters["drafted"], state.counters["matched"] = drafted, matched
             yield state
-            if bool(state.finished.all()):
+            # A consumer (stop strings) may finish rows after the yield; re-check only then.
+            if done or (state.extras.get("stop") and bool(state.finished.all())):
                 break
     finally:
         pm.call("decodekit_generation_end", state=state)
