@@ -1,8 +1,11 @@
 """Errors that name the culprit and the fix."""
 
 
-class DecodekitError(ValueError):
-    """Bad input or configuration, raised before any compute."""
+class DecodekitError(Exception):
+    """Bad input or configuration, raised before any compute.
+
+    Not a ValueError on purpose: pydantic would wrap a ValueError raised while resolving a
+    strategy into a ValidationError and bury the message."""
 
 
 class PluginError(RuntimeError):

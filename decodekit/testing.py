@@ -95,3 +95,36 @@ def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.fl
     model.generation_config.eos_token_id = 2
     model.generation_config.bos_token_id = 1
     return model.eval()
+
+
+def hf_greedy(model: Any, tokenizer: Any, prompts: list[str], n: int) -> list[list[int]]:
+    """Oracle: transformers' own greedy ``generate`` (left padding), exactly ``n`` new tokens per row."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    return out[:, enc.input_ids.shape[1]:].tolist()
+
+
+def hf_dynamic_cache_component() -> Any:
+    """A minimal cache component around transformers' ``DynamicCache`` (cropped to the slot count),
+    so the core can be tested without the kvcache plugin."""
+    from transformers import DynamicCache
+
+    from decodekit.components import Cache
+
+    class HFDynamic(Cache):
+        def setup(self, state: Any) -> None:
+            super().setup(state)
+            self._pkv = DynamicCache(config=state.model.config)
+
+        def past_key_values(self) -> Any:
+            return self._pkv
+
+        def cache_update(self, state: Any) -> None:
+            extra = self._pkv.get_seq_length() - state.n_slots
+            if extra > 0:
+                self._pkv.crop(-extra)
+            self._seen = min(self._seen, state.n_slots)
+
+    return HFDynamic
