@@ -8,10 +8,10 @@ No ``.item()``/``.tolist()``/``nonzero()``: nothing here waits for the GPU.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Annotated, ClassVar
 
 import torch
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, Field, ValidationInfo, create_model
 
 from decodekit import Processor
 from decodekit.state import DecodeState
@@ -245,28 +245,36 @@ class XTC(_PerRow):
         return xtc(state.scores, self._p["threshold"], coin)
 
 
+def _check_ids(v: dict[int, float], info: ValidationInfo) -> dict[int, float]:
+    vocab = (info.context or {}).get("vocab_size")
+    allowed = f"[0, {vocab})" if vocab is not None else "[0, vocab_size)"
+    bad = [t for t in v if t < 0 or (vocab is not None and t >= vocab)]
+    if bad:
+        raise ValueError(f"logit_bias token id(s) {bad[:5]} outside the vocabulary: ids must be in {allowed}")
+    return v
+
+
+_BiasIds = Annotated[dict[int, float], AfterValidator(_check_ids)]
+# A plain pydantic model with the same field: validation context reaches it (Component's
+# positional-value __init__ drops the context), so the vocabulary check is a pydantic error too.
+_LogitBiasInVocab = create_model("LogitBias", logit_bias=(_BiasIds, ...))
+
+
 class LogitBias(Processor):
     """Add ``logit_bias[token_id]`` to a token's score (OpenAI's ``logit_bias``; transformers'
     ``SequenceBiasLogitsProcessor`` with one-token sequences). ``-inf`` bans a token.
 
-    Token ids are checked against the vocabulary when the vocabulary is known: in ``setup``, or
-    earlier with ``LogitBias.model_validate(data, context={"vocab_size": V})``."""
+    Token ids are checked against the vocabulary once it is known (``setup``), or earlier with
+    ``LogitBias.check_vocab(bias, vocab_size)``; both raise a pydantic ``ValidationError``."""
 
-    logit_bias: dict[int, float]
+    logit_bias: _BiasIds
 
-    @field_validator("logit_bias")
-    @classmethod
-    def _ids_in_vocab(cls, v: dict[int, float], info: ValidationInfo) -> dict[int, float]:
-        vocab = (info.context or {}).get("vocab_size")
-        allowed = f"[0, {vocab})" if vocab is not None else "[0, vocab_size)"
-        bad = [t for t in v if t < 0 or (vocab is not None and t >= vocab)]
-        if bad:
-            raise ValueError(f"logit_bias token id(s) {bad[:5]} outside the vocabulary: ids must be in {allowed}")
-        return v
+    @staticmethod
+    def check_vocab(logit_bias: dict[int, float], vocab_size: int) -> None:
+        _LogitBiasInVocab.model_validate({"logit_bias": logit_bias}, context={"vocab_size": vocab_size})
 
     def setup(self, state: DecodeState) -> None:
-        # Re-validate with the vocabulary now known: a pydantic error naming the field and range.
-        type(self).model_validate(self.model_dump(), context={"vocab_size": state.vocab_size})
+        self.check_vocab(self.logit_bias, state.vocab_size)
         bias = torch.zeros(state.vocab_size, dtype=torch.float32)
         ids = torch.tensor(list(self.logit_bias), dtype=torch.long)
         bias[ids] = torch.tensor(list(self.logit_bias.values()), dtype=torch.float32)

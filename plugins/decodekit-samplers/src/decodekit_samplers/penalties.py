@@ -107,9 +107,8 @@ def dry_match_lengths(ext: torch.Tensor, n_t: torch.Tensor, breaker: torch.Tenso
 # ----------------------------------------------------------------------------- components
 class _Counting(Processor):
     """Keeps per-row token counts ``[B, V + 1]`` of the committed prefix (the last column takes
-    ids outside the model's vocabulary)."""
-
-    include_prompt: bool = True
+    ids outside the model's vocabulary). Subclasses declare ``include_prompt`` after their main
+    field, so a single positional value fills the main field."""
 
     def setup(self, state: DecodeState) -> None:
         self._hist = History(state)
