@@ -1,0 +1,208 @@
+"""The scheduler: one background thread owns the model and steps one continuous batch.
+
+Requests (:class:`Job`) are queued from the web server's event loop; between two steps the
+scheduler admits queued jobs (up to ``max_batch`` rows), drops cancelled ones (their client hung up)
+and finished ones, which frees their KV-cache rows (:class:`decodekit.batching.Batch`). Each step's
+committed tokens are detokenised per job and handed back to the event loop as events.
+``max_batch=1`` serialises requests: the baseline the benchmark compares against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from decodekit.batching import Batch, RowSpec, row_seed
+from decodekit.errors import DecodekitError
+from decodekit.strategy import Strategy
+
+
+def safe_prefix(text: str, stops: list[str]) -> int:
+    """How much of ``text`` can be sent now: hold back a partial UTF-8 character (decoded as
+    U+FFFD) and a suffix that could still grow into a stop string."""
+    end = len(text.rstrip("\ufffd"))
+    for s in stops:
+        for n in range(min(len(s) - 1, end), 0, -1):
+            if text[:end].endswith(s[:n]):
+                end -= n
+                break
+    return end
+
+
+@dataclass
+class Job:
+    """One request: what to generate, and where its events go (an asyncio queue of the server's
+    loop). Events: ``("delta", text)``, ``("done", finish_reason, completion_tokens)``,
+    ``("error", exception)``."""
+
+    prompt_ids: list[int]
+    strategy: Strategy
+    max_new_tokens: int
+    seed: int
+    stops: list[str] = field(default_factory=list)
+    loop: asyncio.AbstractEventLoop | None = None
+    events: asyncio.Queue | None = None
+    # --- written by the scheduler thread
+    tokens: list[int] = field(default_factory=list)
+    sent: int = 0                  # characters of text already sent
+    done: bool = False
+    cancelled: bool = False        # set by the server (client gone); read by the scheduler
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    key: int = field(default_factory=itertools.count().__next__)
+
+    def emit(self, *event: Any) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Scheduler:
+    """Owns the model; runs :meth:`_loop` in a daemon thread."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 16) -> None:
+        if max_batch < 1:
+            raise DecodekitError(f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.batch = Batch(model, tokenizer)
+        self.jobs: dict[int, Job] = {}          # jobs in the batch, by key
+        self.pending: queue.Queue[Job] = queue.Queue()
+        self.stats = {"steps": 0, "joined": 0, "finished": 0, "cancelled": 0, "failed": 0, "max_rows": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="decodekit-serve-scheduler", daemon=True)
+
+    # ------------------------------------------------------------------ control (any thread)
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        self.pending.put(job)
+
+    def cancel(self, job: Job) -> None:
+        job.cancelled = True
+
+    @property
+    def rows(self) -> int:
+        return len(self.batch)
+
+    # ------------------------------------------------------------------ the thread
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                self._admit()
+                self._leave([k for k, j in self.jobs.items() if j.cancelled], "cancelled")
+                if not len(self.batch):
+                    continue
+                try:
+                    self.batch.step()
+                except Exception as e:  # the model or cache failed: every row fails, the server lives
+                    self._fail_all(e)
+                    continue
+                self.stats["steps"] += 1
+                self._publish()
+
+    def _admit(self) -> None:
+        """Move queued jobs into the batch (block briefly only when the batch is idle)."""
+        new: list[Job] = []
+        while len(self.batch) + len(new) < self.max_batch:
+            try:
+                job = self.pending.get(timeout=0.05) if not len(self.batch) and not new else self.pending.get_nowait()
+            except queue.Empty:
+                break
+            if not job.cancelled:
+                new.append(job)
+        if not new:
+            return
+        specs = [RowSpec(j.key, j.prompt_ids, j.strategy, j.max_new_tokens, row_seed(j.seed)) for j in new]
+        try:
+            self.batch.join(specs)
+            joined = new
+        except Exception:
+            # One bad strategy (its setup raised) must not sink the others: retry one by one.
+            joined = []
+            for job, spec in zip(new, specs):
+                try:
+                    self.batch.join([spec])
+                    joined.append(job)
+                except Exception as e:
+                    self._finish(job, error=e)
+        for job in joined:
+            self.jobs[job.key] = job
+        self.stats["joined"] += len(joined)
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(self.batch))
+        if joined:
+            self._publish()
+
+    def _publish(self) -> None:
+        """Detokenise what each row committed, send text deltas, and let finished rows leave."""
+        b = self.batch
+        out = b.new_tokens({k: len(self.jobs[k].tokens) for k in b.keys})
+        finished = dict(zip(b.keys, b.state.finished.tolist()))
+        leave: list[int] = []
+        now = time.perf_counter()
+        for key, (lo, toks) in out.items():
+            job = self.jobs[key]
+            if key in b.errors:
+                self._finish(job, error=b.errors[key])
+                leave.append(key)
+                continue
+            job.tokens = job.tokens[:lo] + toks
+            if job.tokens and job.first_token is None:
+                job.first_token = now
+            text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
+            hit = min((i for i in (text.find(s) for s in job.stops) if i >= 0), default=-1)
+            if hit >= 0:
+                self._send(job, text[:hit], final=True)
+                self._finish(job, reason="stop")
+                leave.append(key)
+            elif finished[key]:
+                self._send(job, text, final=True)
+                at_length = len(job.tokens) >= job.max_new_tokens
+                self._finish(job, reason="length" if at_length else "stop")
+                leave.append(key)
+            else:
+                self._send(job, text, final=False)
+        self._leave(leave, None)
+
+    def _send(self, job: Job, text: str, final: bool) -> None:
+        end = len(text) if final else safe_prefix(text, job.stops)
+        if end > job.sent:
+            job.emit("delta", text[job.sent:end])
+            job.sent = end
+
+    def _finish(self, job: Job, *, reason: str | None = None, error: BaseException | None = None) -> None:
+        if job.done:
+            return
+        job.done = True
+        if error is not None:
+            self.stats["failed"] += 1
+            job.emit("error", error)
+        else:
+            self.stats["finished"] += 1
+            job.emit("done", reason, len(job.tokens))
+
+    def _leave(self, keys: list[int], why: str | None) -> None:
+        if not keys:
+            return
+        self.batch.remove(keys)
+        for k in keys:
+            job = self.jobs.pop(k)
+            if why == "cancelled":
+                self.stats["cancelled"] += 1
+                job.done = True
+
+    def _fail_all(self, e: BaseException) -> None:
+        for job in list(self.jobs.values()):
+            self._finish(job, error=e)
+        self.jobs.clear()
+        self.batch = Batch(self.model, self.tokenizer)
