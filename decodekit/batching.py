@@ -81,7 +81,8 @@ class BatchCache(Cache):
         return self._kv
 
     def _layers(self) -> list[Any]:
-        return [layer for layer in self._kv.layers if getattr(layer, "is_initialized", False) and layer.keys.numel()]
+        kv = getattr(self, "_kv", None)  # None before setup (an empty batch)
+        return [] if kv is None else [layer for layer in kv.layers if getattr(layer, "is_initialized", False) and layer.keys.numel()]
 
     def cache_update(self, state: DecodeState) -> None:
         n = state.n_slots
