@@ -1,0 +1,274 @@
+"""The cache components: :class:`DynamicCache` (the default), :class:`StaticCache` and
+:class:`SlidingWindowCache`.
+
+All three keep the core's invariant: after every step the full layers hold exactly
+``state.n_slots`` slots mirroring ``state.tokens``/``state.valid`` (committed tokens minus each
+row's last, holes masked) and the sliding layers hold each row's last positions up to the last
+committed-minus-one. Rollback is O(1): a length pointer for full layers, a position bound for rings.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+from pydantic import Field
+
+from decodekit.components import Cache, Sampler
+from decodekit.errors import DecodekitError
+from decodekit.state import DecodeState
+
+from decodekit_kvcache.layout import Layout, kv_bytes, layout_from_config, round_up
+from decodekit_kvcache.store import KVStore, run_model
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def bucket(t: int) -> int:
+    """Verify lengths are padded to powers of two so compiled graphs are reused (1, 2, 4, 8, ...)."""
+    return 1 << (t - 1).bit_length()
+
+
+def _drafter_depth(state: DecodeState) -> int:
+    strategy = state.extras.get("strategy")
+    drafter = getattr(strategy, "drafter", None)
+    return int(drafter.max_proposals()) if drafter is not None else 0
+
+
+def _queries(state: DecodeState, seen: int, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Tokens, positions and validity of this forward's queries: slots the cache has not seen
+    (the prompt, at prefill) followed by ``inputs`` (``last`` + proposals)."""
+    B, T = inputs.shape
+    new_pos = (state.committed - 1)[:, None] + torch.arange(T, device=state.device)  # [B, T]
+    ids = torch.cat([state.tokens[:, seen:], inputs], 1)                               # [B, Q]
+    pos = torch.cat([state.slot_positions()[:, seen:], new_pos], 1)
+    qvalid = torch.cat([state.valid[:, seen:], torch.ones(B, T, dtype=torch.bool, device=state.device)], 1)
+    return ids, pos, qvalid
+
+
+class _KVCache(Cache):
+    """Shared machinery; subclasses choose how full layers are sized."""
+
+    max_rollback: int = Field(
+        0, ge=0,
+        description="tokens a component (FSM, stop handling) may roll back beyond this step's own proposals; "
+        "sliding layers keep this many extra positions",
+    )
+
+    # ------------------------------------------------------------------ setup
+    def _capacity(self, state: DecodeState, T_max: int) -> tuple[int, int | None]:
+        """(full-layer slots to allocate now, growth block or None for static)."""
+        raise NotImplementedError
+
+    def _t_max(self, state: DecodeState) -> int:
+        return _drafter_depth(state) + 1
+
+    def setup(self, state: DecodeState) -> None:
+        model = state.model
+        impl = getattr(model.config, "_attn_implementation", None)
+        if impl not in SUPPORTED_ATTENTION:
+            raise DecodekitError(
+                f"{type(self).__name__} builds its own 4D attention masks, which attn_implementation={impl!r} "
+                f"cannot take; load the model with attn_implementation='sdpa' (or 'eager')"
+            )
+        self._layout: Layout = layout_from_config(model.config)
+        T_max = self._t_max(state)
+        self._depth = T_max - 1 + self.max_rollback
+        capacity, block = self._capacity(state, T_max)
+        ring = self._layout.window + self._depth if self._layout.window else 0
+        self._store = KVStore(self._layout, state.batch_size, capacity, grow_block=block, ring=ring)
+        self._seen = 0
+        self._T_max = T_max
+        self._high = torch.full((state.batch_size,), -1, dtype=torch.long, device=state.device)
+        self._accept_step = -1
+
+    def past_key_values(self) -> Any:
+        return self._store
+
+    # ------------------------------------------------------------------ per token
+    def forward(self, state: DecodeState, inputs: torch.Tensor) -> torch.Tensor:
+        seen, T = self._seen, inputs.shape[1]
+        ids, pos, qvalid = _queries(state, seen, inputs)
+        Q = ids.shape[1]
+        store = self._store
+        store.reserve(seen + Q)
+        store.kv_len = seen + Q
+        kv_valid = torch.cat([state.valid[:, :seen], torch.zeros_like(qvalid)], 1)  # [B, seen+Q]
+        logits = run_model(state.model, store, ids, pos, qvalid, kv_valid, seen, state.committed - 1, T)
+        self._note_written(pos, qvalid)
+        self._seen = seen + Q
+        return logits
+
+    def _note_written(self, pos: torch.Tensor, qvalid: torch.Tensor) -> None:
+        if self._layout.window:
+            self._high = torch.maximum(self._high, pos.masked_fill(~qvalid, -1).amax(1))
+
+    def accept(self, state: DecodeState) -> None:
+        # Called a second time in one step only after a rollback request: the one moment a ring may
+        # have lost positions the rolled-back rows now need again. Check it (one host sync, only on
+        # rollback steps) and fail loudly rather than attend to a wrong window.
+        again = self._accept_step == state.step
+        self._accept_step = state.step
+        if not (again and self._layout.window):
+            return
+        ahead = self._high - (state.committed - 1)    # [B] positions written beyond the last committed
+        worst = int(ahead.max())
+        if worst > self._depth:
+            row = int(ahead.argmax())
+            raise DecodekitError(
+                f"{type(self).__name__}: rollback on row {row} reaches {worst} positions behind the newest key, deeper "
+                f"than the sliding layers keep ({self._depth} beyond the window of {self._layout.window}); "
+                f"use {type(self).__name__}(max_rollback={worst - self._T_max + 1}) or more"
+            )
+
+    def cache_update(self, state: DecodeState) -> None:
+        """Rollback is a pointer move: slots past ``n_slots`` are overwritten by the next forward."""
+        self._seen = state.n_slots
+
+    def allocated_bytes(self) -> int:
+        return self._store.allocated_bytes() if hasattr(self, "_store") else 0
+
+    def estimate_bytes(self, batch: int, full_slots: int, dtype_bytes: int, layout: Layout | None = None) -> int:
+        """What :func:`decodekit_kvcache.layout.kv_bytes` predicts for this cache's settings."""
+        return kv_bytes(layout or self._layout, batch, full_slots, self._depth, dtype_bytes)["total"]
+
+
+class DynamicCache(_KVCache):
+    """Grows full layers as needed (in blocks of ``block`` slots); rollback moves a pointer.
+    The default cache once decodekit-kvcache is installed."""
+
+    block: int = Field(64, ge=1, description="full layers grow by whole blocks of this many slots (fewer copies)")
+
+    def _capacity(self, state: DecodeState, T_max: int) -> tuple[int, int | None]:
+        return round_up(int(state.prompt_lengths.max()) + T_max, self.block), self.block
+
+
+class StaticCache(_KVCache):
+    """Preallocated full layers; rollback moves the length pointer (no copy; rejected slots are
+    overwritten later). On CUDA the decode step (forward + processors + selection) runs compiled
+    with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs), verify lengths bucketed to powers
+    of two so graphs are reused."""
+
+    max_len: int | None = Field(
+        None, ge=1,
+        description="slots per row in full layers; None sizes it to the longest prompt + max_new_tokens "
+        "(+ proposals), rounded up to 64",
+    )
+    compile: bool | None = Field(None, description="compile the decode step; None: on CUDA only")
+    compile_backend: str = Field("inductor", description="torch.compile backend ('eager' checks tracing without codegen)")
+
+    def _compiled_on(self, state: DecodeState) -> bool:
+        return state.device.type == "cuda" if self.compile is None else self.compile
+
+    def _t_max(self, state: DecodeState) -> int:
+        T = _drafter_depth(state) + 1
+        return bucket(T) if self._compiled_on(state) else T
+
+    def _capacity(self, state: DecodeState, T_max: int) -> tuple[int, int | None]:
+        longest = int(state.prompt_lengths.max())
+        # The last forward starts after longest-1 prompt slots + max_new_tokens-1 committed new
+        # tokens and writes T_max slots.
+        need = longest + state.max_new_tokens + T_max - 2
+        if self.max_len is None:
+            return round_up(need, 64), None
+        if need > self.max_len:
+            extra = f" + {T_max - 1} proposal slots" if T_max > 1 else ""
+            raise DecodekitError(
+                f"StaticCache(max_len={self.max_len}) is too short: the longest prompt ({longest} tokens) + "
+                f"max_new_tokens ({state.max_new_tokens}){extra} need max_len >= {need}; raise max_len or lower max_new_tokens"
+            )
+        return self.max_len, None
+
+    def setup(self, state: DecodeState) -> None:
+        super().setup(state)
+        self._graph = self._compiled_on(state)
+        self._kvalid = torch.zeros(state.batch_size, self._store.capacity, dtype=torch.bool, device=state.device)
+        self._start = torch.zeros((), dtype=torch.long, device=state.device)
+        if self._graph:
+            torch._dynamo.mark_static_address(self._kvalid)
+            torch._dynamo.mark_static_address(self._start)
+        self._fns: dict[int, Callable] = {}
+        self._stats = state.extras.setdefault("stats", {})
+        self._stats.update(warmup_s=0.0, compiled_steps=0)
+
+    def cache_update(self, state: DecodeState) -> None:
+        S = state.n_slots
+        if S + self._T_max > self._store.capacity:
+            S = self._compact(state)
+        self._seen = S
+        if self._graph:
+            self._kvalid[:, :S].copy_(state.valid)
+            self._kvalid[:, S:].fill_(False)
+            self._start.fill_(S)
+
+    def _compact(self, state: DecodeState) -> int:
+        """Squeeze holes out of the slot buffer and the full layers together (ragged acceptance can
+        leave more slots than committed tokens). Rare: only when the next step would not fit."""
+        order = torch.sort(state.valid.to(torch.uint8), dim=1, stable=True).indices  # holes first, order kept
+        width = int(state.valid.sum(1).max())
+        order = order[:, order.shape[1] - width:]
+        self._store.gather_slots(order)
+        state.tokens, state.valid = state.tokens.gather(1, order), state.valid.gather(1, order)
+        if width + self._T_max > self._store.capacity:  # pragma: no cover - setup sized it for this
+            raise DecodekitError(f"StaticCache is full: {width} committed slots + {self._T_max} do not fit {self._store.capacity}")
+        return width
+
+    # ------------------------------------------------------------------ the compiled step
+    def step(self, state: DecodeState, inputs: torch.Tensor, process: Callable[[DecodeState], None], sampler: Sampler):
+        if not self._graph or self._seen == 0:  # eager off the graph path, and for the prefill
+            return super().step(state, inputs, process, sampler)
+        B, T = inputs.shape
+        Tb = bucket(T)
+        proposals = state.proposals
+        if Tb > T:  # pad with copies of the last input; padded queries are marked invalid
+            pad = inputs[:, -1:].expand(B, Tb - T)
+            inputs = torch.cat([inputs, pad], 1)
+            state.proposals = inputs[:, 1:]
+        fn = self._fns.get(Tb)
+        first = fn is None
+        if first:
+            fn = self._fns[Tb] = self._make_step(Tb)
+            t0 = time.perf_counter()
+        qvalid = (torch.arange(Tb, device=state.device) < T).expand(B, Tb)  # bucket padding is not real
+        torch.compiler.cudagraph_mark_step_begin()
+        target, probs = fn(state.model, self._store, process, sampler, state, inputs, qvalid, self._kvalid, self._start)
+        if first:
+            if state.device.type == "cuda":
+                torch.cuda.synchronize(state.device)
+            self._stats["warmup_s"] += time.perf_counter() - t0
+        self._stats["compiled_steps"] += 1
+        self._note_written(state.committed[:, None] - 1 + torch.arange(Tb, device=state.device), qvalid)
+        state.proposals = proposals
+        state.scores = state.scores[:, :T]
+        return target[:, :T].clone(), None if probs is None else probs[:, :T].clone()
+
+    def _make_step(self, T: int) -> Callable:
+        def decode_step(model, store, process, sampler, state, inputs, qvalid, kvalid, start):
+            pos = (state.committed - 1)[:, None] + torch.arange(T, device=inputs.device)  # [B, T]
+            store.kv_len = store.capacity  # static shapes: attend over the whole (masked) buffer
+            logits = run_model(model, store, inputs, pos, qvalid, kvalid, start, state.committed - 1, T)
+            state.scores = logits.float()                                         # [B, T, V]
+            process(state)
+            return sampler.sample(state)
+
+        kwargs: dict[str, Any] = {"backend": self.compile_backend, "dynamic": False}
+        if self.compile_backend == "inductor":
+            kwargs["mode"] = "reduce-overhead"
+        return torch.compile(decode_step, **kwargs)
+
+
+class SlidingWindowCache(StaticCache):
+    """A :class:`StaticCache` for models with sliding-window layers (Mistral, Gemma3): the name
+    transformers users look for. Every cache here already keeps sliding layers as rings of the
+    window plus the deepest rollback; this one refuses models without sliding layers, where the
+    name would promise a memory bound it cannot keep."""
+
+    def setup(self, state: DecodeState) -> None:
+        layout = layout_from_config(state.model.config)
+        if not layout.window:
+            raise DecodekitError(
+                "SlidingWindowCache: this model has no sliding-window layers (no sliding_window / layer_types in its "
+                "config); use StaticCache or DynamicCache"
+            )
+        super().setup(state)

@@ -1,0 +1,186 @@
+"""The KV storage transformers writes into, and the one function that runs the model over it.
+
+Two layouts, one per attention kind (see docs/plugins/kvcache.md):
+
+* **full layers** are slot-indexed, ``[B, H_kv, capacity, D]``: slot ``j`` mirrors
+  ``state.tokens[:, j]`` (holes from ragged acceptance included, masked). Rollback is moving the
+  length pointer; rejected slots are overwritten by the next step (gpt-fast's ``input_pos``).
+* **sliding layers** are position-indexed rings, ``[B, H_kv, R + 1, D]``: position ``p`` of a row
+  lives at entry ``p % R``, so holes never enter a ring (compaction for free) and a window is
+  always exactly ``window`` positions (transformers' sliding masks count *slots*, which is wrong
+  as soon as a row has holes). Entry ``R`` is scratch for writes that must not land.
+
+Masks are built here as 4D tensors from position ids (transformers uses a 4D mask as-is), one
+per attention kind, so the cache owns its masking.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache as HFCache
+
+from decodekit_kvcache.layout import FULL, SLIDING, Layout, round_up
+
+
+class KVStore(HFCache):
+    """A ``transformers`` cache object whose layout decodekit owns.
+
+    The model only calls :meth:`update` (``past_key_values.update(k, v, layer_idx)``); the plan of
+    each forward (where the new keys go, how much to attend to) is set by :func:`run_model`.
+    """
+
+    def __init__(self, layout: Layout, batch: int, capacity: int, *, grow_block: int | None, ring: int) -> None:
+        super().__init__(layers=[])
+        self.layout, self.batch = layout, batch
+        self.capacity = capacity            # full-layer slots allocated
+        self.grow_block = grow_block        # None: static (never grows)
+        self.ring = ring                    # R: ring entries per row (0 without sliding layers)
+        n = len(layout.kinds)
+        self.keys: list[torch.Tensor | None] = [None] * n
+        self.values: list[torch.Tensor | None] = [None] * n
+        self.ring_pos: torch.Tensor | None = None  # [B, R + 1] position held by each ring entry, -1 empty
+        # plan of the current forward
+        self.slots: torch.Tensor | None = None     # [Q] slots the queries write (full layers)
+        self.ring_idx: torch.Tensor | None = None  # [B, Q] ring entry per query (R: scratch)
+        self.kv_len = 0                             # full-layer slots attended this forward
+
+    # ----------------------------------------------------------- transformers' side
+    def __len__(self) -> int:
+        return len(self.layout.kinds)
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [k == SLIDING for k in self.layout.kinds]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.kv_len
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        """Store this forward's keys/values (``[B, H_kv, Q, D]``) and return what to attend to."""
+        if self.keys[layer_idx] is None:
+            self._allocate(layer_idx, key_states)
+        K, V = self.keys[layer_idx], self.values[layer_idx]
+        if self.layout.kinds[layer_idx] == FULL:
+            K.index_copy_(2, self.slots, key_states)
+            V.index_copy_(2, self.slots, value_states)
+            return K[:, :, : self.kv_len], V[:, :, : self.kv_len]
+        # Sliding: attend to the ring as it was plus all new keys (cat copies, so the in-place
+        # ring write below cannot clobber a key an earlier query of this forward still needs).
+        out_k, out_v = torch.cat([K, key_states], 2), torch.cat([V, value_states], 2)
+        idx = self.ring_idx[:, None, :, None].expand_as(key_states)
+        K.scatter_(2, idx, key_states)
+        V.scatter_(2, idx, value_states)
+        return out_k, out_v
+
+    # ----------------------------------------------------------- decodekit's side
+    def _allocate(self, layer_idx: int, like: torch.Tensor) -> None:
+        B, H, _, D = like.shape
+        n = self.capacity if self.layout.kinds[layer_idx] == FULL else self.ring + 1
+        self.keys[layer_idx] = like.new_zeros(B, H, n, D)
+        self.values[layer_idx] = like.new_zeros(B, H, n, D)
+        if torch.compiler.is_compiling():  # pragma: no cover - allocation happens in the eager prefill
+            return
+        # The compiled step mutates these in place; static addresses keep CUDA graphs valid.
+        torch._dynamo.mark_static_address(self.keys[layer_idx])
+        torch._dynamo.mark_static_address(self.values[layer_idx])
+
+    def reserve(self, slots: int) -> None:
+        """Make room for ``slots`` full-layer slots (dynamic caches grow in blocks; static ones
+        were sized at setup and checked there)."""
+        if slots <= self.capacity:
+            return
+        if self.grow_block is None:
+            raise RuntimeError(f"static KV cache overflow: {slots} slots needed, {self.capacity} allocated")
+        new = round_up(slots, self.grow_block)
+        for store in (self.keys, self.values):
+            for i, t in enumerate(store):
+                if t is not None and self.layout.kinds[i] == FULL:
+                    grown = t.new_zeros(t.shape[0], t.shape[1], new, t.shape[3])
+                    grown[:, :, : self.capacity] = t
+                    store[i] = grown
+        self.capacity = new
+
+    def gather_slots(self, order: torch.Tensor) -> None:
+        """Reorder full-layer slots per row (compaction): slot ``j`` of row ``b`` becomes old slot
+        ``order[b, j]``; ``order`` is ``[B, S']``."""
+        S = order.shape[1]
+        for store in (self.keys, self.values):
+            for i, t in enumerate(store):
+                if t is not None and self.layout.kinds[i] == FULL:
+                    idx = order[:, None, :, None].expand(t.shape[0], t.shape[1], S, t.shape[3])
+                    t[:, :, :S] = t.gather(2, idx)
+
+    def allocated_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
+
+def _to_mask(ok: torch.Tensor, model: Any) -> torch.Tensor:
+    """transformers' own formats: boolean for SDPA (True = attend), additive float for eager."""
+    if model.config._attn_implementation == "eager":
+        zero = torch.zeros((), dtype=model.dtype, device=ok.device)
+        return torch.where(ok, zero, torch.finfo(model.dtype).min)
+    return ok
+
+
+def run_model(
+    model: Any,
+    store: KVStore,
+    ids: torch.Tensor,
+    pos: torch.Tensor,
+    qvalid: torch.Tensor,
+    kv_valid: torch.Tensor,
+    start: int | torch.Tensor,
+    first_new: torch.Tensor,
+    keep: int,
+) -> torch.Tensor:
+    """One model call over ``Q`` queries per row; returns the logits of the last ``keep``.
+
+    Args:
+        ids, pos, qvalid: ``[B, Q]`` query tokens, their position ids, and which are real (holes
+            and bucket padding are not: they attend only to themselves and never land in a ring).
+        kv_valid: ``[B, L]`` full-layer slots that hold committed tokens (``L = store.kv_len``);
+            the queries' own slots ``start .. start+Q-1`` are filled in here.
+        start: first slot the queries write (an int, or a 0-dim tensor in the compiled step).
+        first_new: ``[B]`` each row's first uncommitted position: ring entries at or beyond it are
+            stale (rejected or rolled back) and masked, which makes ring rollback O(1).
+    """
+    B, Q = ids.shape
+    dev = ids.device
+    q = torch.arange(Q, device=dev)
+    slots = start + q                                              # [Q]
+    layout = store.layout
+    masks: dict[str, torch.Tensor] = {}
+    if layout.n_full:
+        L = kv_valid.shape[1]
+        kv = kv_valid.index_copy(1, slots, qvalid)                 # [B, L]
+        j = torch.arange(L, device=dev)
+        causal = j[None, :] <= slots[:, None]                      # [Q, L]
+        # A query always sees itself: a hole's row is then never all-masked (NaN in SDPA would
+        # reach the cache and, times a zero weight, still poison real rows).
+        ok = (kv[:, None, :] & causal) | (j[None, :] == slots[:, None])  # [B, Q, L]
+        masks[FULL] = _to_mask(ok[:, None], model)
+    ring_idx = None
+    if layout.n_sliding:
+        R, W = store.ring, layout.window
+        if store.ring_pos is None:
+            store.ring_pos = torch.full((B, R + 1), -1, dtype=torch.long, device=dev)
+            torch._dynamo.mark_static_address(store.ring_pos)
+        rp = store.ring_pos                                         # [B, R+1]
+        near = pos[:, :, None] - rp[:, None, :] < W                # [B, Q, R+1]
+        ring_ok = near & ((rp >= 0) & (rp < first_new[:, None]))[:, None, :]
+        new_ok = qvalid[:, None, :] & (q[None, :] <= q[:, None]) & (pos[:, :, None] - pos[:, None, :] < W)
+        new_ok = new_ok | torch.eye(Q, dtype=torch.bool, device=dev)
+        masks[SLIDING] = _to_mask(torch.cat([ring_ok, new_ok], 2)[:, None], model)  # [B, 1, Q, R+1+Q]
+        # Only the last R positions of a row can land (more would collide in the ring).
+        top = pos.masked_fill(~qvalid, -1).amax(1, keepdim=True)
+        land = qvalid & (pos > top - R)
+        ring_idx = torch.where(land, pos % R, R)                   # [B, Q]
+    store.slots, store.ring_idx = slots, ring_idx
+    mask: Any = masks if len(masks) > 1 else next(iter(masks.values()))
+    out = model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=store, use_cache=True, logits_to_keep=keep)
+    if ring_idx is not None:
+        store.ring_pos.scatter_(1, ring_idx, pos)
+        store.ring_pos[:, -1] = -1                                  # scratch never holds a position
+    return out.logits[:, -keep:]
