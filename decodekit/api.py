@@ -107,7 +107,7 @@ def generate(
     prompts: str | Sequence[Any],
     strategy: Strategy | dict | str | None = None,
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | None = None,
     seed: int | Sequence[int] | None = None,
     stop: Sequence[str] | None = None,
     chat: bool = False,
@@ -118,7 +118,7 @@ def generate(
     Args:
         prompts: a string, a list of strings, or (``chat=True``) messages.
         strategy: a :class:`Strategy`, its dict or JSON; ``None`` = installed defaults (greedy).
-        max_new_tokens: new tokens per row, at most.
+        max_new_tokens: new tokens per row, at most (``None``: ``strategy.max_new_tokens``).
         seed: an int (one stream per row derived from it) or one int per row.
         stop: stop strings; a row finishes when its text contains one (not part of ``texts``).
         chat: apply the tokenizer's chat template.
@@ -158,7 +158,7 @@ def stream(
     prompts: str | Sequence[Any],
     strategy: Strategy | dict | str | None = None,
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | None = None,
     seed: int | Sequence[int] | None = None,
     stop: Sequence[str] | None = None,
     chat: bool = False,
@@ -171,9 +171,16 @@ def stream(
     texts = _Texts(tokenizer, state.extras["stop"], state.batch_size)
     for st in run(state, strategy):
         current = texts.check(st)
+        # Components that may still roll tokens back (decodekit-fsm's rollback mode) register
+        # ``holdback(state) -> [tokens per row]``: the text of those newest tokens is held back.
+        holds = [f(st) for f in st.extras.get("holdback", ())]
         for r, text in enumerate(current):
             final = texts.final_text[r] is not None
             safe = texts.safe(r, text, final)
+            h = max((hold[r] for hold in holds), default=0)
+            if h and not final:
+                kept = st.out_tokens[r, : max(0, int(st.n_new[r]) - h)].tolist()
+                safe = safe[: len(texts.safe(r, texts.decode(kept), False))]
             if len(safe) > texts.emitted[r]:
                 delta = safe[texts.emitted[r]:]
                 texts.emitted[r] = len(safe)
