@@ -85,6 +85,12 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return eos
 
 
+def _strategy_eos(strategy: Strategy, model: Any, tokenizer: Any) -> list[int]:
+    if not strategy.stop_at_eos:
+        return []
+    return list(strategy.eos_token_ids) if strategy.eos_token_ids is not None else _eos_ids(model, tokenizer)
+
+
 def _row_seeds(seed: int | Sequence[int] | None, B: int) -> torch.Tensor:
     if seed is None:
         seed = int(torch.randint(0, 2**31, (1,)).item())
@@ -109,7 +115,7 @@ def prepare(
     prompts: Any,
     strategy: Strategy | dict | str | None,
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | None,
     seed: int | Sequence[int] | None = None,
     stop: Sequence[str] | None = None,
     chat: bool = False,
@@ -120,6 +126,10 @@ def prepare(
     elif isinstance(strategy, dict):
         strategy = Strategy.from_dict(strategy)
     strategy = strategy or Strategy()
+    if max_new_tokens is None:
+        max_new_tokens = strategy.max_new_tokens
+        if max_new_tokens is None:
+            raise DecodekitError("max_new_tokens is missing: pass max_new_tokens=... or set Strategy.max_new_tokens")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise DecodekitError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     ids, _ = tokenize_prompts(tokenizer, prompts, chat)
@@ -161,7 +171,7 @@ def prepare(
         prompt_lengths=torch.tensor(lengths, device=device),
         seeds=_row_seeds(seed, B).to(device),
         max_new_tokens=max_new_tokens,
-        eos_token_ids=torch.tensor(_eos_ids(model, tokenizer) if strategy.stop_at_eos else [], dtype=torch.long, device=device),
+        eos_token_ids=torch.tensor(_strategy_eos(strategy, model, tokenizer), dtype=torch.long, device=device),
         pad_token_id=int(pad),
     )
     state.tokens, state.valid = grid[:, : P - 1], mask[:, : P - 1]

@@ -52,6 +52,8 @@ class Strategy(BaseModel):
     drafter: Any = None
     stop: list[str] = Field(default_factory=list, description="stop strings (not part of the returned text)")
     stop_at_eos: bool = Field(True, description="finish a row at the tokenizer's EOS token(s)")
+    max_new_tokens: int | None = Field(None, ge=1, description="used when generate is given none (the call's value wins)")
+    eos_token_ids: list[int] | None = Field(None, description="ids that finish a row; None: the model's / tokenizer's EOS")
 
     @field_validator("cache", mode="before")
     @classmethod
@@ -97,6 +99,9 @@ class Strategy(BaseModel):
             "drafter": dump(self.drafter),
             "stop": list(self.stop),
             "stop_at_eos": self.stop_at_eos,
+            # Only when set, so strategies saved before these fields existed read back unchanged.
+            **({"max_new_tokens": self.max_new_tokens} if self.max_new_tokens is not None else {}),
+            **({"eos_token_ids": list(self.eos_token_ids)} if self.eos_token_ids is not None else {}),
         }
 
     def to_json(self, **kw: Any) -> str:
@@ -118,6 +123,20 @@ class Strategy(BaseModel):
         except json.JSONDecodeError as e:
             raise DecodekitError(f"strategy is not valid JSON: {e}") from None
         return cls.from_dict(data)
+
+    @classmethod
+    def from_generation_config(cls, cfg: Any) -> "Strategy":
+        """Map a transformers ``GenerationConfig`` (see :func:`decodekit.hf.strategy_from_generation_config`);
+        a field that cannot be honoured is an error naming it."""
+        from decodekit.hf import strategy_from_generation_config
+
+        return strategy_from_generation_config(cfg)
+
+    def to_generation_config(self) -> Any:
+        """The equivalent transformers ``GenerationConfig`` (see :func:`decodekit.hf.to_generation_config`)."""
+        from decodekit.hf import to_generation_config
+
+        return to_generation_config(self)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Strategy":
