@@ -7,6 +7,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from decodekit.errors import DecodekitError
 from decodekit.loop import GenerationResult, prepare, run
 from decodekit.state import DecodeState
 from decodekit.strategy import Strategy
@@ -101,6 +102,19 @@ def _finish_reason(state: DecodeState, texts: _Texts, r: int) -> str:
     return "eos"
 
 
+def _stream_row0(streamer: Any, state: DecodeState, sent: int, final: bool) -> int:
+    """Put row 0's newly committed tokens; returns how many were sent. Tokens a component may
+    still roll back (``state.extras['holdback']``, as in :func:`stream`) wait, since a streamer
+    cannot take text back."""
+    n0 = int(state.n_new[0])
+    if not final and not bool(state.finished[0]):
+        n0 -= max((int(f(state)[0]) for f in state.extras.get("holdback", ())), default=0)
+    if n0 > sent:
+        streamer.put(state.out_tokens[0, sent:n0].cpu())
+        return n0
+    return sent
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -122,26 +136,36 @@ def generate(
         seed: an int (one stream per row derived from it) or one int per row.
         stop: stop strings; a row finishes when its text contains one (not part of ``texts``).
         chat: apply the tokenizer's chat template.
-        streamer: a transformers-style streamer (``put``/``end``), fed the committed tokens of row 0.
+        streamer: a transformers streamer (``TextStreamer``, ``TextIteratorStreamer``, any object
+            with ``put``/``end``): gets row 0's prompt first (as transformers sends it, so
+            ``skip_prompt=True`` works), then row 0's tokens as they are committed; ``end()`` is
+            called even when generation fails.
     """
+    if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+        raise DecodekitError(f"streamer must have put(token_ids) and end() methods (like transformers' TextStreamer), got {type(streamer).__name__}")
     state, strategy = prepare(model, tokenizer, prompts, strategy, max_new_tokens=max_new_tokens, seed=seed, stop=stop, chat=chat)
     texts = _Texts(tokenizer, state.extras["stop"], state.batch_size)
     watch = bool(texts.stops)
     sent = 0
     _sync(state.device)
     t0 = time.perf_counter()
-    for st in run(state, strategy):
-        if watch:
-            texts.check(st)
+    try:
         if streamer is not None:
-            n0 = int(st.n_new[0])
-            if n0 > sent:
-                streamer.put(st.out_tokens[0, sent:n0].cpu())
-                sent = n0
+            # transformers' protocol: the prompt comes first ([1, L]), so TextStreamer(skip_prompt=True) works.
+            streamer.put(torch.tensor([state.prompt_ids[0]]))
+        for st in run(state, strategy):
+            if watch:
+                texts.check(st)
+            if streamer is not None:
+                sent = _stream_row0(streamer, st, sent, final=False)
+        if streamer is not None:
+            sent = _stream_row0(streamer, state, sent, final=True)
+    finally:
+        # Always end the stream: a TextIteratorStreamer consumer would otherwise wait forever.
+        if streamer is not None:
+            streamer.end()
     _sync(state.device)
     seconds = time.perf_counter() - t0
-    if streamer is not None:
-        streamer.end()
     final = texts.check(state)
     ids = state.new_token_ids()
     return GenerationResult(
