@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from decodekit.errors import DecodekitError
 from decodekit.loop import context_length, tokenize_prompts
@@ -93,14 +93,20 @@ def create_app(model: Any, tokenizer: Any, *, model_id: str = "decodekit", max_b
                    stops=req.stops() + list(strategy.stop))
 
     async def next_event(job: Job, request: Request | None) -> tuple:
-        """The job's next event; a non-streaming request polls for its client meanwhile."""
+        """The job's next event. A non-streaming request also checks, every DISCONNECT_POLL_S
+        (events or not), whether its client is still there; once it left, the job is cancelled
+        and ``("gone",)`` returned."""
+        loop = asyncio.get_running_loop()
         while True:
+            if request is not None and loop.time() - job.checked >= DISCONNECT_POLL_S:
+                job.checked = loop.time()
+                if await request.is_disconnected():
+                    scheduler.cancel(job)
+                    return ("gone",)
             try:
                 return await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    scheduler.cancel(job)
-                    raise asyncio.CancelledError("client disconnected") from None
+                continue
 
     def error_response(e: BaseException) -> JSONResponse:
         if isinstance(e, (DecodekitError, ValueError)):
@@ -109,6 +115,7 @@ def create_app(model: Any, tokenizer: Any, *, model_id: str = "decodekit", max_b
 
     async def respond(req: P._Sampling, job: Job, request: Request, chat: bool) -> Any:
         job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
+        job.checked = job.loop.time()
         rid, created = P.new_id("chatcmpl" if chat else "cmpl"), P.now()
         scheduler.submit(job)
         try:
@@ -116,6 +123,8 @@ def create_app(model: Any, tokenizer: Any, *, model_id: str = "decodekit", max_b
         except BaseException:
             scheduler.cancel(job)
             raise
+        if first[0] == "gone":
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         if first[0] == "error":
             return error_response(first[1])
         if not req.stream:
@@ -128,6 +137,8 @@ def create_app(model: Any, tokenizer: Any, *, model_id: str = "decodekit", max_b
             finally:
                 if not job.done:
                     scheduler.cancel(job)
+            if event[0] == "gone":
+                return Response(status_code=499)
             if event[0] == "error":
                 return error_response(event[1])
             use = P.usage(len(job.prompt_ids), event[2])

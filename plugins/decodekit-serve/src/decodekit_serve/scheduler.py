@@ -56,6 +56,7 @@ class Job:
     cancelled: bool = False        # set by the server (client gone); read by the scheduler
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
+    checked: float = 0.0           # when the server last checked the client was there (its loop's clock)
     key: int = field(default_factory=itertools.count().__next__)
 
     def emit(self, *event: Any) -> None:
@@ -119,7 +120,10 @@ class Scheduler:
                 job = self.pending.get(timeout=0.05) if not len(self.batch) and not new else self.pending.get_nowait()
             except queue.Empty:
                 break
-            if not job.cancelled:
+            if job.cancelled:  # its client left while it waited
+                self.stats["cancelled"] += 1
+                job.done = True
+            else:
                 new.append(job)
         if not new:
             return
