@@ -1,0 +1,114 @@
+"""Load test for ``decodekit serve``: requests/s, tokens/s and time to first token at 1, 4 and 16
+concurrent streaming clients, against a continuously batching server and one that serialises
+requests (``max_batch=1``), with the ratio. Prints a markdown table.
+
+    python benchmarks/serve_load.py                                  # embedded model, CPU
+    python benchmarks/serve_load.py --device cuda --dtype bfloat16   # GPU
+    python benchmarks/serve_load.py --tiny --clients 1,4 --requests 2 --max-tokens 8   # quick check
+
+Every client sends ``--requests`` streaming chat requests one after another (greedy,
+``max_tokens`` tokens, EOS ignored so every request costs the same); the server runs in this
+process (uvicorn in a thread) on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+
+import httpx
+
+import decodekit
+from decodekit_serve import create_app, running
+
+QUESTIONS = ["Tell me about rivers.", "Write a short poem about the sea.", "Explain what a CPU does.",
+             "Give me three tips for cooking rice.", "Why is the sky blue?", "Describe a cat.",
+             "What is a prime number?", "Summarise the story of Hamlet."]
+
+
+async def client(url: str, model_id: str, i: int, n: int, max_tokens: int, out: list[dict]) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as c:
+        for j in range(n):
+            body = {"model": model_id, "stream": True, "max_tokens": max_tokens, "temperature": 0,
+                    "messages": [{"role": "user", "content": QUESTIONS[(i + j) % len(QUESTIONS)]}],
+                    "stream_options": {"include_usage": True}, "decodekit": {"stop_at_eos": False}}
+            t0 = time.perf_counter()
+            first, tokens = None, 0
+            async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk["choices"] and chunk["choices"][0]["delta"].get("content") and first is None:
+                        first = time.perf_counter() - t0
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+            out.append({"ttft": first if first is not None else float("nan"), "latency": time.perf_counter() - t0, "tokens": tokens})
+
+
+def load(url: str, model_id: str, clients: int, requests: int, max_tokens: int) -> dict[str, float]:
+    out: list[dict] = []
+
+    async def main():
+        await asyncio.gather(*(client(url, model_id, i, requests, max_tokens, out) for i in range(clients)))
+
+    t0 = time.perf_counter()
+    asyncio.run(main())
+    wall = time.perf_counter() - t0
+    ttft = sorted(r["ttft"] for r in out)
+    return {"req_s": len(out) / wall, "tok_s": sum(r["tokens"] for r in out) / wall,
+            "ttft_p50": statistics.median(ttft), "ttft_max": ttft[-1], "wall": wall, "n": len(out)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model dir or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny random model (a smoke check of the script)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--requests", type=int, default=2, help="requests per client")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-batch", type=int, default=16)
+    args = ap.parse_args()
+    if args.tiny:
+        from decodekit.testing import tiny_model, tiny_tokenizer
+
+        model, tok = tiny_model(), tiny_tokenizer()
+        if args.device:
+            model = model.to(args.device)
+    else:
+        model, tok = decodekit.load_model(args.model, dtype=args.dtype, device=args.device)
+    device = next(model.parameters()).device
+    print(f"model: {'tiny random llama' if args.tiny else args.model or 'SmolLM2-135M-Instruct'}, device {device}, "
+          f"dtype {next(model.parameters()).dtype}, {args.requests} streaming chat requests per client, "
+          f"{args.max_tokens} tokens each (greedy, EOS ignored)\n")
+    rows = []
+    for clients in [int(c) for c in args.clients.split(",")]:
+        res = {}
+        for name, max_batch in (("batched", args.max_batch), ("serial", 1)):
+            app = create_app(model, tok, model_id="m", max_batch=max_batch)
+            with running(app) as url:
+                load(url, "m", 1, 1, 4)  # warm-up (first forward, allocator)
+                res[name] = load(url, "m", clients, args.requests, args.max_tokens)
+        rows.append((clients, res))
+    print("| clients | server | requests/s | tokens/s | TTFT p50 (s) | TTFT max (s) | wall (s) |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for clients, res in rows:
+        for name in ("batched", "serial"):
+            r = res[name]
+            label = f"continuous batch (max {args.max_batch})" if name == "batched" else "serialised (max 1)"
+            print(f"| {clients} | {label} | {r['req_s']:.2f} | {r['tok_s']:.1f} | {r['ttft_p50']:.3f} | {r['ttft_max']:.3f} | {r['wall']:.1f} |")
+    print("\n| clients | tokens/s batched / serialised | TTFT p50 serialised / batched |")
+    print("|---:|---:|---:|")
+    for clients, res in rows:
+        b, s = res["batched"], res["serial"]
+        print(f"| {clients} | {b['tok_s'] / s['tok_s']:.2f}x | {s['ttft_p50'] / b['ttft_p50']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
