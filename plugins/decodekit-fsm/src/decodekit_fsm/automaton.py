@@ -476,6 +476,13 @@ class Engine:
             t = self._masks[k] = torch.from_numpy(m).to(device)
         return t
 
+    def zero_mask(self, device: Any) -> torch.Tensor:
+        k = ("zero", device)
+        t = self._masks.get(k)
+        if t is None:
+            t = self._masks[k] = torch.zeros(self.V, dtype=torch.bool, device=device)
+        return t
+
     def allows_nothing(self, sid: int, at_end: bool) -> bool:
         return self._empty[(sid, at_end)]
 

@@ -114,7 +114,7 @@ class BannedWords(Processor):
         if not any(need) and not bans:
             return None
         props = state.proposals.tolist() if T > 1 else [[]] * B  # the FSM is host-side: one sync
-        zero = eng.mask(eng.start, False, scores.device).new_zeros(V)
+        zero = eng.zero_mask(scores.device)
         masks = []
         for r, row in enumerate(self._rows):
             sid = row.stack[-1]
