@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import time
 
 import httpx
@@ -95,6 +96,7 @@ def main() -> None:
             with running(app) as url:
                 load(url, "m", 1, 1, 4)  # warm-up (first forward, allocator)
                 res[name] = load(url, "m", clients, args.requests, args.max_tokens)
+            print(f"  done: {clients} clients, {name}: {res[name]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
         rows.append((clients, res))
     print("| clients | server | requests/s | tokens/s | TTFT p50 (s) | TTFT max (s) | wall (s) |")
     print("|---:|---|---:|---:|---:|---:|---:|")
