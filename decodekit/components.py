@@ -86,6 +86,47 @@ class Drafter(Component):
         return int(getattr(self, "k", 0))
 
 
+def slot_attention_mask(model: Any, valid: torch.Tensor, positions: torch.Tensor, n_query: int) -> Any:
+    """The ``attention_mask`` for a forward over slots that may hold holes.
+
+    Args:
+        valid: ``[B, K]`` bool, every slot the attention sees (cached + this call's ``n_query``).
+        positions: ``[B, K]`` position ids of those slots (holes: anything).
+    Returns the usual 2D mask, except for sliding-window models at batch > 1: transformers measures
+    the window in slots, and a hole (ragged speculative acceptance) would shrink it, so those get 4D
+    masks with the window measured in positions (a dict per layer type for hybrid models).
+    """
+    cfg = model.config
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    window = getattr(cfg, "sliding_window", None)
+    impl = getattr(cfg, "_attn_implementation", None) or "sdpa"
+    types = set(getattr(cfg, "layer_types", None) or ["sliding_attention"])
+    if not window or valid.shape[0] == 1 or "sliding_attention" not in types or impl not in ("sdpa", "eager"):
+        return valid.long()
+    K = valid.shape[1]
+    q_pos = positions[:, K - n_query:]  # [B, Q]
+    causal = valid[:, None, :] & (positions[:, None, :] <= q_pos[:, :, None])  # [B, Q, K]
+    # A hole's own query must attend to something (itself), or sdpa yields NaN that leaks through V.
+    causal = causal | _self_diag(n_query, K, valid.device)
+    sliding = causal & (q_pos[:, :, None] - positions[:, None, :] < window)
+
+    def fmt(m: torch.Tensor) -> torch.Tensor:
+        m = m[:, None]  # [B, 1, Q, K]
+        if impl == "eager":
+            dtype = model.dtype
+            return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, torch.finfo(dtype).min)
+        return m
+
+    if len(types) > 1:
+        return {"full_attention": fmt(causal), "sliding_attention": fmt(sliding)}
+    return fmt(sliding)
+
+
+def _self_diag(n_query: int, K: int, device: Any) -> torch.Tensor:
+    """[1, Q, K] True where query i sits on slot K - Q + i."""
+    return (torch.arange(K, device=device)[None, :] == (K - n_query + torch.arange(n_query, device=device))[:, None])[None]
+
+
 class Cache(Component):
     """Owns the model call and the KV cache.
 
@@ -115,7 +156,7 @@ class Cache(Component):
         out = state.model(
             input_ids=input_ids,
             position_ids=position_ids,
-            attention_mask=mask.long(),
+            attention_mask=slot_attention_mask(state.model, mask, torch.cat([state.slot_positions(), new_pos], 1), input_ids.shape[1]),
             past_key_values=pkv,
             use_cache=pkv is not None,
             logits_to_keep=T,
