@@ -1,0 +1,106 @@
+"""Prompt lookup decoding (Saxena 2023, github.com/apoorvumang/prompt-lookup-decoding): propose the
+tokens that followed the latest earlier occurrence of the row's trailing n-gram, in the prompt or the
+output so far. No draft model; deterministic drafts, so q is one-hot and greedy/sampling stay exact.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import field_validator, model_validator
+
+from decodekit.components import Drafter
+from decodekit.state import DecodeState, Proposal
+
+
+def _positive(name: str, v: int) -> int:
+    if v < 1:
+        raise ValueError(f"{name} must be >= 1, got {v}")
+    return v
+
+
+def find_continuations(hist: torch.Tensor, length: torch.Tensor, ngram: int, min_ngram: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every row, the tokens after the latest earlier match of its trailing n-gram.
+
+    Longer n-grams win (they predict better); among matches of one size the latest wins (recent
+    text is the best guide when the output repeats itself).
+
+    Args:
+        hist: ``[B, W]`` each row's committed tokens, left-aligned (``length[r]`` of them).
+        length: ``[B]``.
+    Returns:
+        ``(tokens [B, k], n_tokens [B])``: the continuation and how much of it is real (0: no match).
+    """
+    B, W = hist.shape
+    dev = hist.device
+    start = torch.full((B,), -1, dtype=torch.long, device=dev)   # [B] continuation start, -1 = none
+    for n in range(ngram, min_ngram - 1, -1):
+        if W <= n:
+            continue
+        tail = hist.gather(1, (length[:, None] - n + torch.arange(n, device=dev)).clamp_min(0))  # [B, n]
+        windows = hist.unfold(1, n, 1)                                                       # [B, W-n+1, n]
+        j = torch.arange(windows.shape[1], device=dev)                                       # [W-n+1]
+        # A match must be followed by at least one committed token, which also excludes the tail itself.
+        ok = (windows == tail[:, None]).all(-1) & (j[None] + n < length[:, None]) & (length[:, None] > n)
+        latest = torch.where(ok, j[None], -1).amax(1)                                        # [B]
+        start = torch.where((start < 0) & (latest >= 0), latest + n, start)
+    found = start >= 0
+    idx = (start.clamp_min(0)[:, None] + torch.arange(k, device=dev)).clamp_max(W - 1)      # [B, k]
+    tokens = hist.gather(1, idx)
+    n_tokens = torch.where(found, (length - start).clamp(0, k), 0)
+    return tokens, n_tokens
+
+
+class PromptLookup(Drafter):
+    """Draft by n-gram lookup in the prompt and the output so far.
+
+    Fields:
+        ngram: longest trailing n-gram to match (tried first, down to ``min_ngram``).
+        k: most tokens proposed per step.
+        min_ngram: shortest n-gram to match.
+    """
+
+    ngram: int = 3
+    k: int = 10
+    min_ngram: int = 1
+
+    @field_validator("ngram", "k", "min_ngram")
+    @classmethod
+    def _pos(cls, v: int, info) -> int:
+        return _positive(info.field_name, v)
+
+    @model_validator(mode="after")
+    def _order(self) -> "PromptLookup":
+        if self.min_ngram > self.ngram:
+            raise ValueError(f"min_ngram ({self.min_ngram}) must be <= ngram ({self.ngram})")
+        return self
+
+    def setup(self, state: DecodeState) -> None:
+        B, dev = state.batch_size, state.device
+        # Own left-aligned history (committed tokens incl. `last`): appending is a scatter, rollback
+        # moves a length; no per-step re-gathering of the target's holey slot buffer.
+        width = max(len(p) for p in state.prompt_ids) + state.max_new_tokens + self.k + 2
+        self._hist = torch.full((B, width + 1), state.pad_token_id, dtype=torch.long, device=dev)  # last column: dump
+        for r, p in enumerate(state.prompt_ids):
+            self._hist[r, : len(p)] = torch.tensor(p, dtype=torch.long)
+        self._len = state.prompt_lengths.clone().to(dev)
+
+    def pre_logits(self, state: DecodeState) -> Proposal | None:
+        W = self._hist.shape[1] - 1
+        tokens, n = find_continuations(self._hist[:, :W], self._len, self.ngram, self.min_ngram, self.k)
+        room = (state.max_new_tokens - state.n_new - 1).clamp_min(0)
+        n = torch.minimum(n, room).masked_fill(state.finished, 0)
+        # One host sync: a step whose rows found nothing runs as a plain T=1 step, and the forward
+        # width follows the longest real proposal instead of always k.
+        width = int(n.max())
+        if width == 0:
+            return None
+        return Proposal(tokens=tokens[:, :width], probs=None, lengths=n)
+
+    def accept(self, state: DecodeState) -> None:
+        self._len = self._len - state.rolled_back
+        T = state.step_tokens.shape[1]
+        ar = torch.arange(T, device=state.device)
+        dump = self._hist.shape[1] - 1
+        idx = torch.where(ar[None] < state.accepted[:, None], self._len[:, None] + ar[None], dump)  # [B, T]
+        self._hist.scatter_(1, idx, state.step_tokens)
+        self._len = self._len + state.accepted
