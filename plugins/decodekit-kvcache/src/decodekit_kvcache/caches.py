@@ -122,6 +122,10 @@ class _KVCache(Cache):
                 f"use {type(self).__name__}(max_rollback={worst - self._T_max + 1}) or more"
             )
 
+    def step(self, state: DecodeState, inputs: torch.Tensor, process: Callable[[DecodeState], None], sampler: Sampler):
+        with torch.no_grad():  # decoding never backpropagates: no autograd graph per step
+            return super().step(state, inputs, process, sampler)
+
     def cache_update(self, state: DecodeState) -> None:
         """Rollback is a pointer move: slots past ``n_slots`` are overwritten by the next forward."""
         self._seen = state.n_slots
@@ -167,9 +171,9 @@ class StaticCache(_KVCache):
 
     def _capacity(self, state: DecodeState, T_max: int) -> tuple[int, int | None]:
         longest = int(state.prompt_lengths.max())
-        # The last forward starts after longest-1 prompt slots + max_new_tokens-1 committed new
-        # tokens and writes T_max slots.
-        need = longest + state.max_new_tokens + T_max - 2
+        # A finished row keeps its longest-1 + max_new_tokens slots while other rows still step,
+        # and every step writes T_max slots for all rows.
+        need = longest + state.max_new_tokens + T_max - 1
         if self.max_len is None:
             return round_up(need, 64), None
         if need > self.max_len:
@@ -190,7 +194,7 @@ class StaticCache(_KVCache):
             torch._dynamo.mark_static_address(self._start)
         self._fns: dict[int, Callable] = {}
         self._stats = state.extras.setdefault("stats", {})
-        self._stats.update(warmup_s=0.0, compiled_steps=0)
+        self._stats.update(warmup_s=0.0, compiled_steps=0, compactions=0)
 
     def cache_update(self, state: DecodeState) -> None:
         S = state.n_slots
@@ -208,6 +212,7 @@ class StaticCache(_KVCache):
         order = torch.sort(state.valid.to(torch.uint8), dim=1, stable=True).indices  # holes first, order kept
         width = int(state.valid.sum(1).max())
         order = order[:, order.shape[1] - width:]
+        self._stats["compactions"] += 1
         self._store.gather_slots(order)
         state.tokens, state.valid = state.tokens.gather(1, order), state.valid.gather(1, order)
         if width + self._T_max > self._store.capacity:  # pragma: no cover - setup sized it for this
@@ -218,6 +223,10 @@ class StaticCache(_KVCache):
     def step(self, state: DecodeState, inputs: torch.Tensor, process: Callable[[DecodeState], None], sampler: Sampler):
         if not self._graph or self._seen == 0:  # eager off the graph path, and for the prefill
             return super().step(state, inputs, process, sampler)
+        with torch.no_grad():
+            return self._compiled_step(state, inputs, process, sampler)
+
+    def _compiled_step(self, state: DecodeState, inputs: torch.Tensor, process: Callable[[DecodeState], None], sampler: Sampler):
         B, T = inputs.shape
         Tb = bucket(T)
         proposals = state.proposals
