@@ -10,22 +10,32 @@ One deterministic automaton reads the *normalised* text stream (UTF-8 decoded, c
 
 A component "hits" on a transition that completes a match. A token is banned in automaton state
 ``q`` iff walking its characters from ``q`` hits in some component; the components are independent,
-so the mask of ``q`` is the OR of per-component masks, each cached per component state. A mask is
-computed by walking *all tokens at once* through the component's dense table (numpy gathers over the
-vocabulary, tokens sorted by length so step ``l`` only touches tokens longer than ``l``): about
-``sum(len(token))`` table lookups, a few ms for 262k tokens, then cached.
+so the mask of ``q`` is the union of per-component masks, each cached per component state, and
+computed two ways:
+
+* plain literal words (no ``whole_word``): the range construction of FACTS.md. Token texts sorted
+  once per tokenizer; a token completes a word from Aho–Corasick node ``q`` iff it contains a word
+  (one static set) or starts with the rest of a word whose prefix lies on ``q``'s failure chain,
+  and each "starts with" set is one contiguous range (two binary searches). Microseconds to a
+  millisecond per new state, independent of the vocabulary size;
+* everything else (``whole_word``, patterns): walk *all tokens at once* through the component's
+  dense table (numpy gathers over the vocabulary, tokens sorted by length so step ``l`` only
+  touches tokens longer than ``l``): ``sum(len(token))`` lookups, ~10 ms on 49k tokens.
+
+After bytes of an unfinished character (partial UTF-8) the mask is derived from a clean state's
+(see ``Engine._pending_ids``). Masks are sorted arrays of banned ids: they are sparse.
 
 A row's full state is ``(pending UTF-8 bytes, component states)``, interned to a small integer.
 """
 
 from __future__ import annotations
 
+import bisect
 import codecs
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from decodekit.errors import DecodekitError
 
@@ -100,9 +110,14 @@ class WordsDFA(DFA):
     depth: np.ndarray = None     # [N] characters the node remembers (longest live prefix)
     whole_word: bool = False
     isword: np.ndarray = None    # [C] per class
+    fail: np.ndarray = None      # [N] failure node (longest proper suffix that is a node)
+    wlo: np.ndarray = None       # [N] the words below a node are words[wlo:whi] (sorted list)
+    whi: np.ndarray = None
+    words: list = None           # the sorted, normalised words
 
     def nbytes(self) -> int:
-        return super().nbytes() + self.ac.nbytes + self.out.nbytes + self.minlen.nbytes + self.depth.nbytes
+        arrays = (self.ac, self.out, self.minlen, self.depth, self.fail, self.wlo, self.whi)
+        return super().nbytes() + sum(a.nbytes for a in arrays)
 
     def match_back(self, s: int, c: int, end_cls: int) -> int | None:
         """Characters from a match's start to just after class ``c`` if reading ``c`` in ``s`` hits
@@ -144,68 +159,82 @@ def _marked(word: str) -> list[str | None]:
 
 
 def build_words(words: Sequence[str], alpha: Alphabet, whole_word: bool) -> WordsDFA:
+    """Aho–Corasick over ``words`` (sorted, unique). The trie is built in Python (one dict lookup
+    per character); the goto/fail table is filled one BFS level at a time with numpy (all nodes of
+    a level at once), so 10,000 words build in ~0.1 s instead of a per-node Python loop."""
     C = alpha.size
     B = C  # boundary column of the Aho–Corasick table
+    # Words arrive sorted, so the words below a node are one contiguous range [wlo, whi) of the
+    # list: the range construction of the masks reads them from there.
     goto: list[dict[int, int]] = [{}]
-    term_len = [0]
-    depth = [0]
-    for w in words:
+    parent, sym, level, depth = [0], [0], [0], [0]
+    wlo, whi, term_len = [0], [len(words)], [0]
+    cls = alpha.cls
+    for i, w in enumerate(words):
         node = 0
-        syms = _marked(w) if whole_word else list(w)
-        for ch in syms:
-            c = B if ch is None else alpha.cls(ch)
+        for ch in (_marked(w) if whole_word else w):
+            c = B if ch is None else cls(ch)
             nxt = goto[node].get(c)
             if nxt is None:
                 nxt = len(goto)
                 goto[node][c] = nxt
                 goto.append({})
-                term_len.append(0)
+                parent.append(node)
+                sym.append(c)
+                level.append(level[node] + 1)
                 depth.append(depth[node] + (ch is not None))
+                wlo.append(i)
+                whi.append(i + 1)
+                term_len.append(0)
+            else:
+                whi[nxt] = i + 1
             node = nxt
         term_len[node] = len(w) if term_len[node] == 0 else min(term_len[node], len(w))
     N = len(goto)
+    par, sy, lev = (np.array(x, dtype=np.int64) for x in (parent, sym, level))
     ac = np.zeros((N, C + 1), dtype=np.int32)
     fail = np.zeros(N, dtype=np.int32)
-    out = np.array([t > 0 for t in term_len])
+    tl = np.array(term_len, dtype=np.int64)
+    out = tl > 0
     big = np.iinfo(np.int32).max
-    minlen = np.array([t if t > 0 else big for t in term_len], dtype=np.int64)
-    # BFS: a node's row is its failure node's row with its own edges on top (the classic
-    # "DFA-ised" Aho–Corasick: goto or else follow the failure chain).
-    queue = []
-    for c, v in goto[0].items():
-        ac[0, c] = v
-        queue.append(v)
-    i = 0
-    while i < len(queue):
-        u = queue[i]
-        i += 1
-        f = fail[u]
-        ac[u] = ac[f]
-        out[u] |= out[f]
-        minlen[u] = min(minlen[u], minlen[f])
-        for c, v in goto[u].items():
-            fail[v] = ac[f, c]
-            ac[u, c] = v
-            queue.append(v)
+    minlen = np.where(out, tl, big)
+    # BFS by level: a node's row is its failure node's row with its own edges on top (the classic
+    # "DFA-ised" Aho–Corasick); failure nodes are shallower, so their rows are final already.
+    by_level = np.argsort(lev, kind="stable")
+    bounds = np.searchsorted(lev[by_level], np.arange(int(lev.max()) + 3))
+    for d in range(len(bounds) - 2):
+        U = by_level[bounds[d]:bounds[d + 1]]        # nodes at level d
+        if d >= 1:
+            F = fail[U]
+            ac[U] = ac[F]
+            out[U] |= out[F]
+            minlen[U] = np.minimum(minlen[U], minlen[F])
+        kids = by_level[bounds[d + 1]:bounds[d + 2]]  # their children (level d + 1)
+        if len(kids):
+            P, S = par[kids], sy[kids]
+            fail[kids] = ac[fail[P], S] if d >= 1 else 0
+            ac[P, S] = kids
     minlen = np.where(minlen == big, 0, minlen).astype(np.int32)
     depth_arr = np.array(depth, dtype=np.int32)
+    extra = dict(ac=ac, out=out, minlen=minlen, depth=depth_arr, isword=alpha.isword, fail=fail,
+                 wlo=np.array(wlo, dtype=np.int64), whi=np.array(whi, dtype=np.int64), words=list(words))
     isword = alpha.isword
-    cls = np.arange(C)
+    cls_all = np.arange(C)
     if not whole_word:
         table = ac[:, :C].copy()
         table[:, alpha.END] = np.arange(N)  # END changes nothing without boundaries
         hit = out[table]
         hit[:, alpha.END] = False
-        return WordsDFA(table, hit, 0, "words", ac=ac, out=out, minlen=minlen, depth=depth_arr, whole_word=False, isword=isword)
+        return WordsDFA(table, hit, 0, "words", whole_word=False, **extra)
     # Composite state 2*node + (previous character is a word character).
     table = np.zeros((2 * N, C), dtype=np.int32)
     hit = np.zeros((2 * N, C), dtype=bool)
     nodes = np.arange(N)
     for pw in (0, 1):
-        need_b = (isword[None, :] != bool(pw)) & (cls[None, :] != alpha.END)  # [1, C]
+        need_b = (isword[None, :] != bool(pw)) & (cls_all[None, :] != alpha.END)  # [1, C]
         s1 = np.where(need_b, ac[nodes, B][:, None], nodes[:, None])  # [N, C]
         h1 = need_b & out[s1]
-        s2 = ac[s1, cls[None, :]]
+        s2 = ac[s1, cls_all[None, :]]
         h2 = out[s2]
         nxt = 2 * s2 + isword[None, :]
         # END: emit B if the text ends in a word character, then stop.
@@ -215,7 +244,7 @@ def build_words(words: Sequence[str], alpha: Alphabet, whole_word: bool) -> Word
         h[:, alpha.END] = out[e1] if pw else False
         table[pw::2] = nxt
         hit[pw::2] = h
-    return WordsDFA(table, hit, 0, "words", ac=ac, out=out, minlen=minlen, depth=depth_arr, whole_word=True, isword=isword)
+    return WordsDFA(table, hit, 0, "words", whole_word=True, **extra)
 
 
 @dataclass
@@ -288,23 +317,92 @@ def build_pattern(p: str, anchored: Any, search: Any, alpha: Alphabet) -> Patter
     return PatternDFA(table, hit, idx[search.initial], f"pattern {p!r}", pattern=p, anchored=anchored)
 
 
+# ---------------------------------------------------------------------------- per-tokenizer texts
+FFFD = "\ufffd"  # what the decoder writes for bytes that do not form a character
+_TEXTS: "dict[tuple, tuple[Any, TokenTexts]]" = {}
+
+
+@dataclass
+class TokenTexts:
+    """What every token writes on a clean slate (no bytes of an unfinished character open),
+    normalised. Computed once per token table, vocabulary size and casing, and shared by every
+    engine (the walk tables and the sorted order below are built from it)."""
+
+    texts: list[str]        # [V] the complete characters the token writes
+    pend: list[bytes]       # [V] bytes of an unfinished character it leaves open
+    tail: np.ndarray        # [V] bool: pend is not empty
+    cont: np.ndarray        # [V] bool: the first byte is a UTF-8 continuation byte (0x80-0xBF)
+    empty: np.ndarray       # [V] bool: no bytes at all (special tokens, padding ids)
+    lengths: np.ndarray     # [V] int64 characters per text
+    inv: np.ndarray         # [sum lengths] int32: each character of the texts (id order) as an index into chars
+    chars: np.ndarray       # [K] distinct code points, sorted
+    chars_word: np.ndarray  # [K] bool is_word
+    _sorted: Any = None
+
+    def sorted(self) -> tuple[np.ndarray, list[str]]:
+        """``(ids [V] sorted by text, the sorted texts)``: the tokens whose text starts with ``s``
+        are one contiguous range of that order (FACTS.md), found by two binary searches."""
+        if self._sorted is None:
+            order = sorted(range(len(self.texts)), key=self.texts.__getitem__)
+            self._sorted = (np.array(order, dtype=np.int64), [self.texts[i] for i in order])
+        return self._sorted
+
+    def nbytes(self) -> int:
+        arrays = (self.tail, self.cont, self.empty, self.lengths, self.inv, self.chars, self.chars_word)
+        return sum(a.nbytes for a in arrays)
+
+
+def _split_utf8(b: bytes) -> tuple[str, bytes]:
+    try:  # fast path: a token that is valid UTF-8 on its own leaves nothing open
+        return b.decode("utf-8"), b""
+    except UnicodeDecodeError:
+        return decode_utf8(b"", b)
+
+
+def token_texts(tok_bytes: Sequence[bytes], V: int, case_sensitive: bool) -> TokenTexts:
+    """Cached per token table object (``token_bytes`` returns one list per tokenizer)."""
+    key = (id(tok_bytes), len(tok_bytes), V, case_sensitive)
+    hit = _TEXTS.get(key)
+    if hit is not None and hit[0] is tok_bytes:
+        return hit[1]
+    pad = [b""] * (V - len(tok_bytes))
+    split = [_split_utf8(b) for b in tok_bytes] + [("", b"")] * len(pad)
+    texts = [normalise(t, case_sensitive) for t, _ in split]
+    pend = [p for _, p in split]
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=V)
+    first = np.fromiter((b[0] if b else 0 for b in tok_bytes), dtype=np.int64, count=len(tok_bytes))
+    first = np.concatenate([first, np.zeros(len(pad), dtype=np.int64)])
+    empty = np.concatenate([np.fromiter((not b for b in tok_bytes), dtype=bool, count=len(tok_bytes)), np.ones(len(pad), bool)])
+    cps = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
+    # Distinct code points by a presence table over [0, max] (no sort of all characters).
+    present = np.zeros(int(cps.max()) + 1 if len(cps) else 1, dtype=bool)
+    present[cps] = True
+    chars = np.flatnonzero(present)
+    where = np.zeros(len(present), dtype=np.int32)
+    where[chars] = np.arange(len(chars), dtype=np.int32)
+    out = TokenTexts(
+        texts=texts, pend=pend, tail=np.fromiter(map(bool, pend), dtype=bool, count=V),
+        cont=(first >= 0x80) & (first < 0xC0), empty=empty, lengths=lengths, inv=where[cps],
+        chars=chars, chars_word=np.array([is_word(chr(c)) for c in chars], dtype=bool),
+    )
+    if len(_TEXTS) >= 4:
+        _TEXTS.pop(next(iter(_TEXTS)))  # bounded: a few tokenizers per process
+    _TEXTS[key] = (tok_bytes, out)  # the reference keeps id(tok_bytes) from being reused
+    return out
+
+
 # ---------------------------------------------------------------------------- token tables
 @dataclass
 class TokenTable:
-    """The class sequence of every token in one context (pending bytes), stored column-wise:
-    tokens sorted by length, ``cols[l]`` holds position ``l`` of the tokens longer than ``l``."""
+    """The class sequence of every token on a clean slate, stored column-wise: tokens sorted by
+    length, ``cols[l]`` holds position ``l`` of the tokens longer than ``l``."""
 
     order: np.ndarray        # [V] token ids, longest first
     cols: list[np.ndarray]   # cols[l]: [n_l] int32 classes
+    tail: np.ndarray         # [V] bool in ``order``: the token leaves an unfinished character open
 
     @classmethod
-    def build(cls, seqs: Sequence[Sequence[int]]) -> "TokenTable":
-        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
-        flat = np.fromiter((c for s in seqs for c in s), dtype=np.int32, count=int(lengths.sum()))
-        return cls.from_flat(flat, lengths)
-
-    @classmethod
-    def from_flat(cls, flat: np.ndarray, lengths: np.ndarray) -> "TokenTable":
+    def from_flat(cls, flat: np.ndarray, lengths: np.ndarray, tail: np.ndarray) -> "TokenTable":
         order = np.argsort(-lengths, kind="stable")
         lens = lengths[order]
         starts = (np.cumsum(lengths) - lengths)[order]
@@ -312,10 +410,11 @@ class TokenTable:
         for l in range(int(lens[0]) if len(lens) else 0):
             n = int(np.searchsorted(-lens, -l, side="left"))  # tokens with length > l
             cols.append(flat[starts[:n] + l])
-        return cls(order, cols)
+        return cls(order, cols, tail[order])
 
-    def walk(self, dfa: DFA, start: int, end_cls: int) -> tuple[np.ndarray, np.ndarray]:
-        """Run every token from ``start``: ``(hit [V], hit_if_text_ends_after [V])`` in id order."""
+    def walk(self, dfa: DFA, start: int, end_cls: int, fffd_cls: int) -> tuple[np.ndarray, np.ndarray]:
+        """Run every token from ``start``: ``(hit [V], hit_if_text_ends_after [V])`` in id order.
+        Ending the text flushes an unfinished character as U+FFFD, then reads END."""
         V = len(self.order)
         st = np.full(V, start, dtype=np.int32)
         hit = np.zeros(V, dtype=bool)
@@ -324,12 +423,30 @@ class TokenTable:
             prev = st[:n]
             hit[:n] |= dfa.hit[prev, col]
             st[:n] = dfa.table[prev, col]
-        end = hit | dfa.hit[st, end_cls]
+        end = hit.copy()
+        open_ = np.flatnonzero(self.tail)
+        if len(open_):
+            end[open_] |= dfa.hit[st[open_], fffd_cls]
+            st[open_] = dfa.table[st[open_], fffd_cls]
+        end |= dfa.hit[st, end_cls]
         out_hit = np.empty(V, dtype=bool)
         out_end = np.empty(V, dtype=bool)
         out_hit[self.order] = hit
         out_end[self.order] = end
         return out_hit, out_end
+
+
+def _after_prefix(s: str) -> str | None:
+    """The least string greater than every string that starts with ``s`` (None: no such string)."""
+    s = s.rstrip("\U0010ffff")
+    return s[:-1] + chr(ord(s[-1]) + 1) if s else None
+
+
+def _aranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(lo[i], hi[i])`` (no Python loop)."""
+    lens = hi - lo
+    starts = np.cumsum(lens) - lens
+    return np.repeat(lo - starts, lens) + np.arange(int(lens.sum()), dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------- the engine
@@ -347,17 +464,24 @@ class Step:
     hit: Hit | None  # the first match the token completes
 
 
+_NONE = np.zeros(0, dtype=np.int64)
+
+
 class Engine:
     """Automaton + token masks for one tokenizer and one BannedWords configuration. Shared by
-    every generation that uses them (masks stay cached)."""
+    every generation that uses them (masks stay cached).
+
+    A mask is kept as the sorted ids of the banned tokens (int64): masks are sparse, and writing
+    -inf at a few hundred indices is ~100x cheaper on a CPU than a masked_fill over [B, T, V]."""
 
     def __init__(self, tok_bytes: Sequence[bytes], vocab_size: int, words: Sequence[str], patterns: Sequence[str],
                  case_sensitive: bool, whole_word: bool, end_ids: Sequence[int], max_cached: int = 4096) -> None:
         self.case_sensitive, self.whole_word = case_sensitive, whole_word
         self.V = max(vocab_size, len(tok_bytes))
-        self.bytes = list(tok_bytes) + [b""] * (self.V - len(tok_bytes))
         self.real = len(tok_bytes)
+        self.bytes = tok_bytes
         self.end_ids = frozenset(int(e) for e in end_ids)
+        self.tt = token_texts(tok_bytes, self.V, case_sensitive)
         norm_words = sorted({normalise(w, case_sensitive) for w in words})
         compiled = [(p, *compile_pattern(p)) for p in patterns]
         explicit = {ch for w in norm_words for ch in w}
@@ -373,16 +497,27 @@ class Engine:
         self._ids: dict[tuple, int] = {}
         self._keys: list[tuple] = []
         self.start = self.intern(self.start_key)
-        self._tables: dict[bytes, TokenTable] = {}
-        self._texts, self._pend = self._clean_texts()
-        self._comp_masks: dict[tuple[int, bytes, int], tuple[np.ndarray, np.ndarray]] = {}
-        self._masks: dict[tuple[int, bool, Any], torch.Tensor] = {}
+        self.is_end = np.zeros(self.V, dtype=bool)
+        self.is_end[[e for e in self.end_ids if 0 <= e < self.V]] = True
+        # Tokens that add no text and do not end it (special tokens): allowed, but no way forward.
+        self._silent = self.tt.empty & ~self.is_end
+        self._n_writes = int((~self._silent[: self.real]).sum())
+        # Ending the text can only complete a match through a boundary, a pattern, or a word
+        # holding U+FFFD (an unfinished character is flushed as U+FFFD); else at_end masks are the
+        # plain ones.
+        self._end_matters = whole_word or bool(patterns) or FFFD in self.alpha.index
+        self._fffd = self.alpha.cls(FFFD)
+        self._cont = self.tt.cont & ~self.is_end  # decided exactly after open bytes
+        self._cont_ids = np.flatnonzero(self._cont)
+        self._table: TokenTable | None = None
+        self._static: np.ndarray | None = None
+        self._node_ranges: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._comp_masks: dict[tuple[int, int, bool], np.ndarray] = {}
+        self._masks: dict[tuple[int, bool], np.ndarray] = {}
         self._empty: dict[tuple[int, bool], bool] = {}
         self._steps: dict[tuple[int, int], Step] = {}
         self.max_cached = max_cached
-        self._tables[b""] = self._table_for(b"")
-        # Tokens that add no text and do not end it (special tokens): allowed, but no way forward.
-        self._silent = np.array([not b and t not in self.end_ids for t, b in enumerate(self.bytes)])
+        self.mask_ids(self.start)  # the first step needs it: part of the build
 
     # -- states
     def intern(self, key: tuple) -> int:
@@ -396,16 +531,8 @@ class Engine:
         return self._keys[sid]
 
     # -- token texts
-    def _clean_texts(self) -> tuple[list[str], list[bytes]]:
-        texts, pend = [], []
-        for b in self.bytes:
-            if b.isascii():  # fast path: most tokens
-                t, p = b.decode("ascii"), b""
-            else:
-                t, p = decode_utf8(b"", b)
-            texts.append(normalise(t, self.case_sensitive))
-            pend.append(p)
-        return texts, pend
+    def _bytes(self, tok: int) -> bytes:
+        return self.bytes[tok] if tok < self.real else b""
 
     def token_text(self, pending: bytes, tok: int) -> tuple[str, bytes, bool]:
         """``(normalised text, new pending bytes, ends the text)`` of token ``tok`` after ``pending``."""
@@ -413,78 +540,143 @@ class Engine:
             text, _ = decode_utf8(pending, b"", final=True)
             return normalise(text, self.case_sensitive), b"", True
         if not pending:
-            return self._texts[tok], self._pend[tok], False
-        text, p = decode_utf8(pending, self.bytes[tok])
+            return self.tt.texts[tok], self.tt.pend[tok], False
+        text, p = decode_utf8(pending, self._bytes(tok))
         return normalise(text, self.case_sensitive), p, False
 
-    def _table_for(self, pending: bytes) -> TokenTable:
-        tab = self._tables.get(pending)
-        if tab is None and not pending:
-            tab = self._tables[pending] = self._clean_table()
-        if tab is None:
-            seqs = []
-            for t in range(self.V):
-                text, _, end = self.token_text(pending, t)
-                seqs.append(self.alpha.classes(text) + ([self.alpha.END] if end else []))
-            tab = self._tables[pending] = TokenTable.build(seqs)
-        return tab
-
     def _clean_table(self) -> TokenTable:
-        # Vectorised: map every distinct code point once, then all token characters by lookup.
-        texts = ["" if t in self.end_ids else x for t, x in enumerate(self._texts)]
-        lengths = np.fromiter((len(x) for x in texts), dtype=np.int64, count=len(texts))
-        cps = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
-        uniq, inv = np.unique(cps, return_inverse=True)
-        lut = np.array([self.alpha.cls(chr(int(u))) for u in uniq], dtype=np.int32)
-        flat = lut[inv].astype(np.int32) if len(uniq) else np.zeros(0, dtype=np.int32)
-        if self.end_ids:
-            # END tokens read one END symbol: splice it in at their (empty) position.
-            ends = sorted(e for e in self.end_ids if e < self.V)
-            offs = np.cumsum(lengths) - lengths
-            flat = np.insert(flat, offs[ends], self.alpha.END)
-            lengths[ends] += 1
-        return TokenTable.from_flat(flat, lengths)
+        """Every token's class sequence on a clean slate (END tokens: just END); built on first use."""
+        if self._table is None:
+            tt, a = self.tt, self.alpha
+            lut = np.where(tt.chars_word, a.OTHER_WORD, a.OTHER_NONWORD).astype(np.int32)  # [K]
+            for ch, c in a.index.items():
+                j = int(np.searchsorted(tt.chars, ord(ch)))
+                if j < len(tt.chars) and tt.chars[j] == ord(ch):
+                    lut[j] = c
+            flat, lengths = lut[tt.inv], tt.lengths.copy()
+            ends = np.flatnonzero(self.is_end)
+            if len(ends):
+                # END tokens write nothing of their own and read one END symbol.
+                if lengths[ends].any():
+                    flat = flat[~np.repeat(self.is_end, lengths)]
+                    lengths[ends] = 0
+                offs = np.cumsum(lengths) - lengths
+                flat = np.insert(flat, offs[ends], a.END)
+                lengths[ends] += 1
+            self._table = TokenTable.from_flat(flat, lengths, tt.tail & ~self.is_end)
+        return self._table
 
     # -- masks
-    def _comp_mask(self, i: int, pending: bytes, s: int) -> tuple[np.ndarray, np.ndarray]:
-        k = (i, pending, s)
-        m = self._comp_masks.get(k)
-        if m is None:
+    def _walk_ids(self, i: int, s: int) -> tuple[np.ndarray, np.ndarray]:
+        hit, end = self._clean_table().walk(self.comps[i], s, self.alpha.END, self._fffd)
+        return np.flatnonzero(hit), np.flatnonzero(end)
+
+    def _ranges_of(self, comp: WordsDFA, u: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted-order ranges of the tokens that start with the rest of a word below node ``u``."""
+        r = self._node_ranges.get(u)
+        if r is None:
+            _, texts = self.tt.sorted()
+            d, V = int(comp.depth[u]), len(texts)
+            lo, hi = [], []
+            for w in comp.words[comp.wlo[u]:comp.whi[u]]:
+                rest = w[d:]
+                if not rest:  # the node is this word: a match already ended, nothing to complete
+                    continue
+                a = bisect.bisect_left(texts, rest)
+                up = _after_prefix(rest)
+                b = V if up is None else bisect.bisect_left(texts, up, a)
+                if a < b:
+                    lo.append(a)
+                    hi.append(b)
+            r = self._node_ranges[u] = (np.array(lo, dtype=np.int64), np.array(hi, dtype=np.int64))
+        return r
+
+    def _range_ids(self, i: int, comp: WordsDFA, q: int) -> np.ndarray:
+        """Exact mask of plain literal words in Aho–Corasick node ``q`` (FACTS.md): token t
+        completes a word iff t contains a word (the static set: the walk from the root), or t starts
+        with the rest of a word whose prefix is a node on q's failure chain (the suffixes of the
+        text that are word prefixes). Each "starts with" set is one range of the sorted texts."""
+        if self._static is None:
+            self._static = self._walk_ids(i, comp.start)[0]
+        parts = []
+        u = q
+        while u != 0:
+            parts.append(self._ranges_of(comp, u))
+            u = int(comp.fail[u])
+        if not parts:
+            return self._static
+        lo = np.concatenate([p[0] for p in parts])
+        hi = np.concatenate([p[1] for p in parts])
+        ids = self.tt.sorted()[0][_aranges(lo, hi)]
+        ids = ids[~self.is_end[ids]]  # END tokens write nothing
+        return np.union1d(self._static, ids)
+
+    def _comp_ids(self, i: int, s: int, at_end: bool) -> np.ndarray:
+        """Banned ids of component ``i`` in its state ``s`` on a clean slate (cached)."""
+        k = (i, s, at_end)
+        ids = self._comp_masks.get(k)
+        if ids is None:
             if len(self._comp_masks) >= self.max_cached:
                 self._comp_masks.clear()  # bounded memory; recomputing is cheap
-            m = self._comp_masks[k] = self._table_for(pending).walk(self.comps[i], s, self.alpha.END)
-        return m
+            comp = self.comps[i]
+            if isinstance(comp, WordsDFA) and not comp.whole_word and FFFD not in self.alpha.index:
+                ids = self._comp_masks[(i, s, False)] = self._comp_masks[(i, s, True)] = self._range_ids(i, comp, s)
+            else:
+                self._comp_masks[(i, s, False)], self._comp_masks[(i, s, True)] = self._walk_ids(i, s)
+                ids = self._comp_masks[k]
+        return ids
 
-    def mask_np(self, sid: int, at_end: bool = False) -> np.ndarray:
-        """[V] bool: tokens that complete a match from state ``sid`` (``at_end``: or whose text
-        would end in a match, for the last position before the length limit)."""
-        pending, states = self._keys[sid]
-        m = np.zeros(self.V, dtype=bool)
-        for i, s in enumerate(states):
-            hit, end = self._comp_mask(i, pending, s)
-            m |= end if at_end else hit
-        return m
+    def _pending_ids(self, pending: bytes, states: tuple[int, ...], at_end: bool) -> np.ndarray:
+        """Mask after bytes of an unfinished character. A token that starts with anything but a
+        continuation byte makes the decoder write one U+FFFD for the open bytes and start afresh
+        (maximal-subpart replacement, as ``bytes.decode('utf-8', 'replace')``), so it is banned
+        iff it is banned in the clean state after U+FFFD; the few continuation-byte tokens (and
+        END, which flushes) are decided exactly."""
+        after, hit = self._run(states, [self._fffd], 1)
+        if hit is not None:
+            base = np.flatnonzero(~self._silent)
+        else:
+            base = self.mask_ids(self.intern((b"", after)), at_end)
+        base = base[~self._cont[base]]
+        exact = [t for t in self._cont_ids.tolist() if self._hits(pending, states, t, at_end)]
+        return np.union1d(base, np.array(exact, dtype=np.int64))
 
-    def mask(self, sid: int, at_end: bool, device: Any) -> torch.Tensor:
-        k = (sid, at_end, device)
-        t = self._masks.get(k)
-        if t is None:
+    def _hits(self, pending: bytes, states: tuple[int, ...], tok: int, at_end: bool) -> bool:
+        text, _ = decode_utf8(pending, self._bytes(tok), final=at_end)
+        text = normalise(text, self.case_sensitive)
+        classes = self.alpha.classes(text) + ([self.alpha.END] if at_end else [])
+        return self._run(states, classes, len(text))[1] is not None
+
+    def mask_ids(self, sid: int, at_end: bool = False) -> np.ndarray:
+        """Sorted int64 ids of the tokens that complete a match from state ``sid`` (``at_end``: or
+        whose text would end in a match, for the last position before the length limit)."""
+        at_end = at_end and self._end_matters
+        k = (sid, at_end)
+        ids = self._masks.get(k)
+        if ids is None:
+            pending, states = self._keys[sid]
+            if pending:
+                ids = self._pending_ids(pending, states, at_end)
+            else:
+                parts = [self._comp_ids(i, s, at_end) for i, s in enumerate(states)]
+                ids = parts[0] if len(parts) == 1 else np.unique(np.concatenate(parts))
             if len(self._masks) >= self.max_cached:
                 self._masks.clear()
-            m = self.mask_np(sid, at_end)
-            self._empty[(sid, at_end)] = bool((m | self._silent)[: self.real].all())
-            t = self._masks[k] = torch.from_numpy(m).to(device)
-        return t
+                self._empty.clear()
+            self._masks[k] = ids
+            real = ids[: int(np.searchsorted(ids, self.real))]
+            self._empty[k] = int((~self._silent[real]).sum()) == self._n_writes
+        return ids
 
-    def zero_mask(self, device: Any) -> torch.Tensor:
-        k = ("zero", device)
-        t = self._masks.get(k)
-        if t is None:
-            t = self._masks[k] = torch.zeros(self.V, dtype=torch.bool, device=device)
-        return t
+    def mask_np(self, sid: int, at_end: bool = False) -> np.ndarray:
+        """[V] bool form of :meth:`mask_ids`."""
+        m = np.zeros(self.V, dtype=bool)
+        m[self.mask_ids(sid, at_end)] = True
+        return m
 
     def allows_nothing(self, sid: int, at_end: bool) -> bool:
-        return self._empty[(sid, at_end)]
+        """Every token that writes or ends text is banned (read after :meth:`mask_ids`)."""
+        return self._empty[(sid, at_end and self._end_matters)]
 
     # -- one token on the host
     def advance(self, sid: int, tok: int) -> Step:
@@ -497,7 +689,7 @@ class Engine:
         classes = self.alpha.classes(text) + ([self.alpha.END] if end else [])
         states, hit = self._run(states, classes, len(text))
         step = Step(self.intern((p, states)), text, hit)
-        if len(self._steps) >= 1 << 20:
+        if len(self._steps) >= 1 << 18:
             self._steps.clear()
         self._steps[k] = step
         return step
@@ -536,5 +728,11 @@ class Engine:
         return n
 
     def nbytes(self) -> int:
-        tables = sum(sum(c.nbytes for c in t.cols) + t.order.nbytes for t in self._tables.values())
-        return sum(c.nbytes() for c in self.comps) + tables
+        """Bytes held by this engine: components, walk table and cached masks (the shared
+        per-tokenizer texts are counted by ``TokenTexts.nbytes``)."""
+        n = sum(c.nbytes() for c in self.comps)
+        if self._table is not None:
+            n += sum(c.nbytes for c in self._table.cols) + self._table.order.nbytes + self._table.tail.nbytes
+        n += sum(m.nbytes for m in self._masks.values()) + sum(m.nbytes for m in self._comp_masks.values())
+        n += sum(lo.nbytes + hi.nbytes for lo, hi in self._node_ranges.values())
+        return n

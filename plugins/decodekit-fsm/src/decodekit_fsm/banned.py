@@ -7,6 +7,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
@@ -108,50 +109,63 @@ class BannedWords(Processor):
         scores = state.scores  # [B, T, V]
         B, T, V = scores.shape
         eng = self._engine
-        need = [self._masking(r) and not r.done for r in self._rows]
-        bans = [(r, t, tok) for r, row in enumerate(self._rows) if not row.done
+        rows = self._rows
+        self._removed = None  # hybrid: set below whenever something is banned this step
+        need = [self._masking(r) and not r.done for r in rows]
+        bans = [(r * T + t) * V + tok for r, row in enumerate(rows) if not row.done
                 for t in range(T) for tok in row.bans.get(len(row.toks) + t, ())]
         if not any(need) and not bans:
             return None
-        props = state.proposals.tolist() if T > 1 else [[]] * B  # the FSM is host-side: one sync
-        zero = eng.zero_mask(scores.device)
-        masks = []
-        for r, row in enumerate(self._rows):
-            sid = row.stack[-1]
+        props = state.proposals.tolist() if T > 1 else None  # the FSM is host-side: one sync
+        # Flat indices into scores.view(-1) of every banned (row, position, token): cached
+        # per-state id arrays shifted to their row/position, written with one index_fill_.
+        parts = [np.array(bans, dtype=np.int64)] if bans else []
+        last = state.max_new_tokens - 1
+        for r, row in enumerate(rows):
+            if not need[r]:
+                continue
+            sid, pos = row.stack[-1], len(row.toks)
             for t in range(T):
-                if not need[r]:
-                    masks.append(zero)
-                    continue
-                pos = len(row.toks) + t
-                at_end = pos == state.max_new_tokens - 1
-                m = eng.mask(sid, at_end, scores.device)
+                at_end = pos + t == last
+                ids = eng.mask_ids(sid, at_end)
                 if t == 0 and eng.allows_nothing(sid, at_end):
                     raise DecodekitError(self._nothing_left(r, row))
-                masks.append(m)
+                if len(ids):
+                    parts.append(ids + (r * T + t) * V)
                 if t < T - 1:
                     sid = eng.advance(sid, props[r][t]).sid
-        mask = torch.stack(masks).view(B, T, V)
-        if bans:
-            rr, tt, kk = (torch.tensor(x, device=scores.device) for x in zip(*bans))
-            mask = mask.clone()
-            mask[rr, tt, kk] = True
+        if not parts:
+            return None
+        flat = torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0]).to(scores.device)
+        # In place (the hook allows it) unless the scores may be the caller's own tensor: the
+        # transformers adapter hands over a view of generate's logits (kept for output_logits).
+        own = not state.extras.get("hf_adapter") and scores.is_contiguous()
+        out = scores if own else scores.contiguous().clone()
         if self.mode == "hybrid":
-            # Probability mass the ban removes at each position (read on the host in accept).
-            self._removed = (scores.softmax(-1) * mask).sum(-1)  # [B, T]
-        return scores.masked_fill(mask, float("-inf"))
+            before = out.logsumexp(-1)  # [B, T]
+        out.view(-1).index_fill_(0, flat, float("-inf"))
+        if self.mode == "hybrid":
+            # Probability mass the ban removed at each position (read on the host in accept).
+            self._removed = 1.0 - (out.logsumexp(-1) - before).exp()  # [B, T]
+        return None if own else out
 
     def accept(self, state: DecodeState) -> None:
-        rolled = state.rolled_back.tolist()
+        B = len(self._rows)
+        # One host sync for everything the host automaton needs this step.
+        steps_t = state.step_tokens if state.step_tokens is not None else state.accepted[:, None]
+        packed = torch.cat([state.rolled_back.long(), state.accepted.long(), state.finished.long(),
+                            steps_t.long().reshape(-1)]).tolist()
+        rolled, acc, finished = packed[:B], packed[B:2 * B], packed[2 * B:3 * B]
+        Ts = (len(packed) - 3 * B) // B
         for r, m in enumerate(rolled):
             if m:
                 self._pop(self._rows[r], m)
-        acc = state.accepted.tolist()
-        finished = state.finished.tolist()
         if not any(acc):
             for r, row in enumerate(self._rows):
-                row.done = finished[r]
+                row.done = bool(finished[r])
             return
-        steps = state.step_tokens.tolist()
+        flat = packed[3 * B:]
+        steps = [flat[r * Ts:(r + 1) * Ts] for r in range(B)]
         removed = self._removed.tolist() if (self._removed is not None and self.mode == "hybrid") else None
         counts = [0] * len(self._rows)
         eng = self._engine
@@ -178,7 +192,7 @@ class BannedWords(Processor):
             if back_to is not None:
                 back_to = self._retry(row, back_to)
                 counts[r] = len(row.toks) - back_to
-            row.done = finished[r] and counts[r] == 0
+            row.done = bool(finished[r]) and counts[r] == 0
         if any(counts):
             state.request_rollback(torch.tensor(counts))
 
