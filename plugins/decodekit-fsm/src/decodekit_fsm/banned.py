@@ -47,6 +47,16 @@ class _Row:
     done: bool = False
 
 
+_NUMPY_FLOATS = (torch.float32, torch.float64, torch.float16)
+
+
+def _push(row: _Row, tok: int, step: Any) -> None:
+    row.stack.append(step.sid)
+    row.toks.append(tok)
+    row.chars.extend(step.text)
+    row.cum.append(len(row.chars))
+
+
 class BannedWords(Processor):
     """Ban words and regular expressions from the decoded new text, whatever the tokenization.
 
@@ -101,24 +111,24 @@ class BannedWords(Processor):
         self._removed = None
         state.extras.setdefault("holdback", []).append(self.holdback)
 
-    def _masking(self, row: _Row) -> bool:
-        return self.mode != "rollback" or row.masked
-
     # ------------------------------------------------------------------ per step
+    # Private attributes of a pydantic model are read through __getattr__ (~µs each), so the
+    # per-step methods read each once into a local.
     def process_logits(self, state: DecodeState) -> torch.Tensor | None:
         scores = state.scores  # [B, T, V]
         B, T, V = scores.shape
-        eng = self._engine
-        rows = self._rows
-        self._removed = None  # hybrid: set below whenever something is banned this step
-        need = [self._masking(r) and not r.done for r in rows]
-        bans = [(r * T + t) * V + tok for r, row in enumerate(rows) if not row.done
-                for t in range(T) for tok in row.bans.get(len(row.toks) + t, ())]
-        if not any(need) and not bans:
+        eng, rows, mode = self._engine, self._rows, self.mode
+        if mode == "hybrid":
+            self._removed = None  # set below whenever something is banned this step
+        # Rows that get exact masks: all in mask/hybrid mode, in rollback mode those whose retries ran out.
+        need = [not row.done and (mode != "rollback" or row.masked) for row in rows]
+        bans = [] if mode == "mask" else [(r * T + t) * V + tok for r, row in enumerate(rows) if not row.done
+                                          for t in range(T) for tok in row.bans.get(len(row.toks) + t, ())]
+        if not bans and not any(need):
             return None
         props = state.proposals.tolist() if T > 1 else None  # the FSM is host-side: one sync
         # Flat indices into scores.view(-1) of every banned (row, position, token): cached
-        # per-state id arrays shifted to their row/position, written with one index_fill_.
+        # per-state id arrays shifted to their row/position, written in one go.
         parts = [np.array(bans, dtype=np.int64)] if bans else []
         last = state.max_new_tokens - 1
         for r, row in enumerate(rows):
@@ -131,52 +141,60 @@ class BannedWords(Processor):
                 if t == 0 and eng.allows_nothing(sid, at_end):
                     raise DecodekitError(self._nothing_left(r, row))
                 if len(ids):
-                    parts.append(ids + (r * T + t) * V)
+                    parts.append(ids + (r * T + t) * V if r or t else ids)
                 if t < T - 1:
                     sid = eng.advance(sid, props[r][t]).sid
         if not parts:
             return None
-        flat = torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0]).to(scores.device)
+        flat = np.concatenate(parts) if len(parts) > 1 else parts[0]
         # In place (the hook allows it) unless the scores may be the caller's own tensor: the
         # transformers adapter hands over a view of generate's logits (kept for output_logits).
-        own = not state.extras.get("hf_adapter") and scores.is_contiguous()
+        own = scores.is_contiguous() and not state.extras.get("hf_adapter")
         out = scores if own else scores.contiguous().clone()
-        if self.mode == "hybrid":
+        if mode == "hybrid":
             before = out.logsumexp(-1)  # [B, T]
-        out.view(-1).index_fill_(0, flat, float("-inf"))
-        if self.mode == "hybrid":
+        if out.device.type == "cpu" and out.dtype in _NUMPY_FLOATS and not out.requires_grad:
+            out.numpy().reshape(-1)[flat] = -np.inf  # same memory; ~2x cheaper than index_fill_ on a CPU
+        else:
+            out.view(-1).index_fill_(0, torch.from_numpy(flat).to(out.device), float("-inf"))
+        if mode == "hybrid":
             # Probability mass the ban removed at each position (read on the host in accept).
             self._removed = 1.0 - (out.logsumexp(-1) - before).exp()  # [B, T]
         return None if own else out
 
     def accept(self, state: DecodeState) -> None:
-        B = len(self._rows)
-        # One host sync for everything the host automaton needs this step.
+        rows, eng, mode = self._rows, self._engine, self.mode
+        B = len(rows)
         steps_t = state.step_tokens if state.step_tokens is not None else state.accepted[:, None]
-        packed = torch.cat([state.rolled_back.long(), state.accepted.long(), state.finished.long(),
-                            steps_t.long().reshape(-1)]).tolist()
-        rolled, acc, finished = packed[:B], packed[B:2 * B], packed[2 * B:3 * B]
-        Ts = (len(packed) - 3 * B) // B
+        if state.accepted.device.type == "cpu":  # four cheap reads
+            rolled, acc, finished = state.rolled_back.tolist(), state.accepted.tolist(), state.finished.tolist()
+            steps = steps_t.tolist()
+        else:  # one host sync for everything the host automaton needs this step
+            packed = torch.cat([state.rolled_back.long(), state.accepted.long(), state.finished.long(),
+                                steps_t.long().reshape(-1)]).tolist()
+            rolled, acc, finished = packed[:B], packed[B:2 * B], packed[2 * B:3 * B]
+            Ts = (len(packed) - 3 * B) // B
+            steps = [packed[3 * B + r * Ts:3 * B + (r + 1) * Ts] for r in range(B)]
         for r, m in enumerate(rolled):
             if m:
-                self._pop(self._rows[r], m)
+                self._pop(rows[r], m)
         if not any(acc):
-            for r, row in enumerate(self._rows):
+            for r, row in enumerate(rows):
                 row.done = bool(finished[r])
             return
-        flat = packed[3 * B:]
-        steps = [flat[r * Ts:(r + 1) * Ts] for r in range(B)]
-        removed = self._removed.tolist() if (self._removed is not None and self.mode == "hybrid") else None
-        counts = [0] * len(self._rows)
-        eng = self._engine
-        for r, row in enumerate(self._rows):
+        removed = None
+        if mode == "hybrid":
+            rem = self._removed
+            removed = rem.tolist() if rem is not None else None
+        counts = [0] * B
+        for r, row in enumerate(rows):
             back_to = None
             for j in range(acc[r]):
                 pos = len(row.toks)
                 tok = steps[r][j]
                 prev_word = bool(row.chars) and is_word(row.chars[-1])
                 step = eng.advance(row.stack[-1], tok)
-                self._push(row, tok, step)
+                _push(row, tok, step)
                 if back_to is not None:
                     continue
                 if step.hit is not None:
@@ -184,7 +202,7 @@ class BannedWords(Processor):
                 elif (removed is not None and not row.masked and prev_word and step.text[:1] and is_word(step.text[0])
                       and removed[r][j] > self.hybrid_threshold):
                     back_to = self._word_start(row, pos)  # mid-word and most mass was banned: re-plan the word
-            if back_to is None and self.mode != "mask" and not row.masked and acc[r] and len(row.toks) >= state.max_new_tokens:
+            if back_to is None and mode != "mask" and not row.masked and acc[r] and len(row.toks) >= state.max_new_tokens:
                 # The text ends at the length limit: a whole-word match may complete right here.
                 end = eng.advance_end(row.stack[-1])
                 if end.hit is not None:
@@ -197,12 +215,6 @@ class BannedWords(Processor):
             state.request_rollback(torch.tensor(counts))
 
     # ------------------------------------------------------------------ helpers
-    def _push(self, row: _Row, tok: int, step: Any) -> None:
-        row.stack.append(step.sid)
-        row.toks.append(tok)
-        row.chars.extend(step.text)
-        row.cum.append(len(row.chars))
-
     def _pop(self, row: _Row, m: int) -> None:
         m = min(m, len(row.toks))
         n = len(row.toks) - m
