@@ -77,11 +77,14 @@ def main() -> None:
     ap.add_argument("--skip-attention", default=None, help="comma-separated layers (instead of --skip-file)")
     ap.add_argument("--self-k", type=int, default=4)
     ap.add_argument("--draft-model", default=None, help="a smaller model of the same family (DraftModel)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU; 1 is steadiest on a shared box)")
     ap.add_argument("--prompts", choices=["grounded", "open", "both"], default="both")
     args = ap.parse_args()
 
     from decodekit_speculative import DraftModel, PromptLookup, SelfSpeculative
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tok = decodekit.load_model(args.model, dtype=args.dtype, device=args.device)
     torch.set_grad_enabled(False)
     drafters = {"plain greedy": None, f"PromptLookup(ngram={args.lookup_ngram}, k={args.lookup_k})": PromptLookup(ngram=args.lookup_ngram, k=args.lookup_k)}
