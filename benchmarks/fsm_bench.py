@@ -223,12 +223,23 @@ def bench_leak(model, tok, n_tokens: int, banned_words: list[str]) -> None:
     configs += [(f"decodekit BannedWords mode={m}", [BannedWords(words=banned_words, case_sensitive=False, mode=m)])
                 for m in ("mask", "rollback", "hybrid")]
     print(f"\n### Leak rate ({len(prompts)} prompts eliciting {banned_words}, greedy, {n_tokens} tokens, chat template; "
-          f"an output leaks if its casefolded text contains a word; {load()})\n\n| strategy | outputs containing a banned word | example |\n|---|---|---|")
+          f"an output leaks if its casefolded text contains a word; {load()})\n\n| strategy | outputs containing a banned word "
+          "| by prompt: repeat / spell / plural / hyphens / code / capitals | example |\n|---|---|---|---|")
+    T = len(LEAK_PROMPTS)
     for label, procs in configs:
         res = decodekit.generate(model, tok, prompts, decodekit.Strategy(processors=procs), max_new_tokens=n_tokens, chat=True)
-        example = next((t for t in res.texts if any(w in t.casefold() for w in banned_words)), res.texts[0])
-        example = " ".join(example.split())[:70].replace("|", "\\|")
-        print(f"| {label} | {leaked(res.texts)} / {len(prompts)} | {example} |")
+        per = [leaked(res.texts[k::T]) for k in range(T)]  # prompts are word-major: template k at k, k+T, ...
+        print(f"| {label} | {leaked(res.texts)} / {len(prompts)} | {' / '.join(map(str, per))} | {_excerpt(res.texts, banned_words)} |")
+
+
+def _excerpt(texts: list[str], banned_words: list[str]) -> str:
+    """Around the first leaked word (or the start of the first output when nothing leaked)."""
+    for t in texts:
+        t = " ".join(t.split())
+        i = min((j for j in (t.casefold().find(w) for w in banned_words) if j >= 0), default=-1)
+        if i >= 0:
+            return ("…" if i > 30 else "") + t[max(0, i - 30):i + 40].replace("|", "\\|") + "…"
+    return " ".join(texts[0].split())[:70].replace("|", "\\|") + "…"
 
 
 def main() -> None:
