@@ -399,7 +399,7 @@ def _disk_path(tok_bytes: Sequence[bytes], V: int, case_sensitive: bool) -> Any:
     from decodekit.models import cache_dir
 
     h = hashlib.sha256(pickle.dumps(list(tok_bytes), protocol=5)).hexdigest()[:16]
-    return cache_dir() / "fsm" / f"texts-{h}-{V}-{'cs' if case_sensitive else 'cf'}.pkl"
+    return cache_dir() / "fsm" / f"texts-v1-{h}-{V}-{'cs' if case_sensitive else 'cf'}.pkl"
 
 
 def _assemble(tok_bytes: Sequence[bytes], V: int, texts: list[str], pend: list[bytes]) -> TokenTexts:
