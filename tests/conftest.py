@@ -5,6 +5,10 @@ import decodekit
 from decodekit.testing import tiny_model, tiny_tokenizer
 
 
+# Tiny models run fastest on one thread, and two threads stall badly on a shared 2-core box.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tok():
     return tiny_tokenizer()

@@ -109,6 +109,10 @@ def test_interrupted_stream_keeps_what_was_committed(llama, tok):
 def test_transformers_streamer(llama, tok):
     from transformers import TextIteratorStreamer
 
-    streamer = TextIteratorStreamer(tok)
+    streamer = TextIteratorStreamer(tok, skip_prompt=True)
     res = decodekit.generate(llama, tok, "the cat", Strategy(stop_at_eos=False), max_new_tokens=8, streamer=streamer)
     assert "".join(streamer) == tok.decode(res.token_ids[0])
+    # Without skip_prompt the prompt comes first, as transformers' generate sends it.
+    streamer = TextIteratorStreamer(tok)
+    decodekit.generate(llama, tok, "the cat", Strategy(stop_at_eos=False), max_new_tokens=8, streamer=streamer)
+    assert "".join(streamer) == tok.decode(tok("the cat").input_ids + res.token_ids[0])
