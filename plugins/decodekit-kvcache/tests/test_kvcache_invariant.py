@@ -85,11 +85,11 @@ def test_cache_holds_committed_minus_last_and_logits_equal_recompute(models, tok
 
 def test_rollback_deeper_than_ring_fails_loudly(models, tok, kv):
     # max_rollback=0 keeps no room beyond this step's proposals: a 2-token rollback must be refused.
-    strategy = decodekit.Strategy(cache="DynamicCache", processors=[kv.Backtrack(every=2, depth=3)])
+    strategy = decodekit.Strategy(cache="DynamicCache", processors=[kv.Backtrack(every=3, depth=2)])
     with pytest.raises(decodekit.DecodekitError, match=r"max_rollback=\d+"):
         decodekit.generate(models["mistral"], tok, "hello there the cat", strategy, max_new_tokens=12)
     # ...and with the room asked for it is fine (and still equal to generate).
-    strategy = decodekit.Strategy(cache={"name": "DynamicCache", "max_rollback": 3}, processors=[kv.Backtrack(every=2, depth=3)])
+    strategy = decodekit.Strategy(cache={"name": "DynamicCache", "max_rollback": 2}, processors=[kv.Backtrack(every=3, depth=2)])
     out = decodekit.generate(models["mistral"], tok, "hello there the cat", strategy, max_new_tokens=12)
     ref = kv.hf_greedy(models["mistral"], tok, ["hello there the cat"], 12)[0]
     assert out.token_ids[0] == (ref[: ref.index(2) + 1] if 2 in ref else ref)
