@@ -292,8 +292,12 @@ def run(state: DecodeState, strategy: Strategy) -> Iterator[DecodeState]:
     for c in components:
         c.setup(state)
     pm.call("decodekit_generation_start", state=state)
+    # Decoding needs no autograd graph; switched off per step, not around the generator, so the
+    # caller's grad mode is untouched between yields.
+    grad = torch.is_grad_enabled()
     try:
         while True:
+            torch.set_grad_enabled(False)
             # pre-logits: a drafter may propose up to k tokens per row
             proposal = None
             for label, fn in pre:
@@ -344,9 +348,11 @@ def run(state: DecodeState, strategy: Strategy) -> Iterator[DecodeState]:
             _call(upd, state)
             state.step += 1
             state.counters["drafted"], state.counters["matched"] = drafted, matched
+            torch.set_grad_enabled(grad)
             yield state
             # A consumer (stop strings) may finish rows after the yield; re-check only then.
             if done or (state.extras.get("stop") and bool(state.finished.all())):
                 break
     finally:
+        torch.set_grad_enabled(grad)
         pm.call("decodekit_generation_end", state=state)

@@ -35,7 +35,11 @@ def cache_dir() -> Path:
 
 def default_gguf() -> Path:
     """Locate the embedded model's GGUF without importing its package (its ``__init__`` imports
-    the ``llm`` CLI, which is not installed)."""
+    the ``llm`` CLI, which is not installed). ``DECODEKIT_DEFAULT_GGUF`` names the file directly
+    (a machine without the package, e.g. an offline GPU box)."""
+    env = os.environ.get("DECODEKIT_DEFAULT_GGUF")
+    if env:
+        return Path(env)
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise DecodekitError(f"the embedded default model is not installed; run: {INSTALL_HINT}")

@@ -52,7 +52,10 @@ def uniform(seeds: torch.Tensor, positions: torch.Tensor, salt: int, width: int 
     key = _mix(seeds[:, None].long() * _GOLDEN + positions.long())
     key = _mix(key ^ _i64((salt * 0x94D049BB133111EB) % (1 << 64)))
     if width is not None:
-        key = key[..., None] + torch.arange(1, width + 1, device=key.device) * _GOLDEN
+        # key + i, then the mixer: a plain index offset (not i * constant), because torch.compile's
+        # Triton codegen folds arange arithmetic into int32 index math, where a 64-bit constant
+        # overflows ("Scalar ... is out of range for type int32", seen on an H200).
+        key = key[..., None] + torch.arange(1, width + 1, device=key.device)
     bits = _lsr(_mix(key), 40).float()  # 24 random bits: exact in float32
     return (bits + 0.5) * (1.0 / (1 << 24))
 

@@ -107,8 +107,8 @@ def hf_greedy(model: Any, tokenizer: Any, prompts: list[str], n: int) -> list[li
 
 
 def hf_dynamic_cache_component() -> Any:
-    """A minimal cache component around transformers' ``DynamicCache`` (cropped to the slot count),
-    so the core can be tested without the kvcache plugin."""
+    """A minimal cache component around transformers' ``DynamicCache`` (cropped to the slot count,
+    full layers everywhere), so the core can be tested without the kvcache plugin."""
     from transformers import DynamicCache
 
     from decodekit.components import Cache
@@ -116,7 +116,10 @@ def hf_dynamic_cache_component() -> Any:
     class HFDynamic(Cache):
         def setup(self, state: Any) -> None:
             super().setup(state)
-            self._pkv = DynamicCache(config=state.model.config)
+            # No config: full (non-sliding) layers for every model. transformers' sliding layers keep
+            # only the window, which a rollback may need to reach past; the window itself is
+            # enforced by the attention mask (decodekit.components.slot_attention_mask).
+            self._pkv = DynamicCache()
 
         def past_key_values(self) -> Any:
             return self._pkv

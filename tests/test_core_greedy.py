@@ -136,3 +136,21 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(tok):
     assert a.token_ids[0] != c.token_ids[0]
     greedy = decodekit.generate(model, tok, PROMPTS[:1], Strategy(cache=NoCache(), stop_at_eos=False), max_new_tokens=12)
     assert a.token_ids[0] != greedy.token_ids[0]
+
+
+def test_decoding_builds_no_autograd_graph_and_leaves_grad_mode(tok):
+    from decodekit.testing import tiny_model
+
+    model = tiny_model("llama")
+    seen = []
+
+    class Probe(decodekit.Processor):
+        def process_logits(self, state):
+            seen.append((torch.is_grad_enabled(), state.scores.requires_grad))
+
+    assert torch.is_grad_enabled()
+    it = decodekit.stream(model, tok, "the cat", Strategy(processors=[Probe()], stop_at_eos=False), max_new_tokens=3)
+    next(it)
+    assert torch.is_grad_enabled()  # the caller's mode between yields
+    list(it)
+    assert seen == [(False, False)] * 3
