@@ -20,7 +20,9 @@ run: install
 	decodekit generate "$(PROMPT)" --max-new-tokens 64
 
 test-deps: install
-	$(PIP) -e '.[test,docs]' $(foreach p,$(PLUGINS),-e '$(p)[test]')
+	$(PIP) -e '.[test,docs]' -e plugins/decodekit-kvcache -e 'plugins/decodekit-samplers[test]' \
+	    -e 'plugins/decodekit-fsm[test,gemma]' -e 'plugins/decodekit-speculative[search,test]' \
+	    -e 'plugins/decodekit-serve[test]' 
 
 test: test-deps
 	$(PY) -m pytest -q

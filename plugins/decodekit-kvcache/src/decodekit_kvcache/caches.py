@@ -10,6 +10,7 @@ committed-minus-one. Rollback is O(1): a length pointer for full layers, a posit
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -223,8 +224,22 @@ class StaticCache(_KVCache):
     def step(self, state: DecodeState, inputs: torch.Tensor, process: Callable[[DecodeState], None], sampler: Sampler):
         if not self._graph or self._seen == 0:  # eager off the graph path, and for the prefill
             return super().step(state, inputs, process, sampler)
-        with torch.no_grad():
-            return self._compiled_step(state, inputs, process, sampler)
+        try:
+            with torch.no_grad():
+                return self._compiled_step(state, inputs, process, sampler)
+        except _CompileFailed as e:
+            # A compiler bug must not cost the user a generation: on an H200 (torch 2.11) Inductor
+            # failed to generate code for top-p's cumsum over a 49k vocabulary inside the step. The
+            # failure happens before the step runs, so the eager step is exact from here on.
+            warnings.warn(
+                f"decodekit StaticCache: compiling the decode step failed ({e}); continuing with the eager "
+                "step (correct, slower). Set compile=False to skip the attempt.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._graph = False
+            self._stats["compile_fallback"] = str(e)
+            return super().step(state, inputs, process, sampler)
 
     def _compiled_step(self, state: DecodeState, inputs: torch.Tensor, process: Callable[[DecodeState], None], sampler: Sampler):
         B, T = inputs.shape
@@ -241,7 +256,14 @@ class StaticCache(_KVCache):
             t0 = time.perf_counter()
         qvalid = (torch.arange(Tb, device=state.device) < T).expand(B, Tb)  # bucket padding is not real
         torch.compiler.cudagraph_mark_step_begin()
-        target, probs = fn(state.model, self._store, process, sampler, state, inputs, qvalid, self._kvalid, self._start)
+        try:
+            target, probs = fn(state.model, self._store, process, sampler, state, inputs, qvalid, self._kvalid, self._start)
+        except Exception as e:
+            if not (first and _is_compile_error(e)):
+                raise
+            state.proposals = proposals
+            del self._fns[Tb]
+            raise _CompileFailed(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
         if first:
             if state.device.type == "cuda":
                 torch.cuda.synchronize(state.device)
@@ -265,6 +287,20 @@ class StaticCache(_KVCache):
         if self.compile_backend == "inductor":
             kwargs["mode"] = "reduce-overhead"
         return torch.compile(decode_step, **kwargs)
+
+
+class _CompileFailed(Exception):
+    """The compiler could not build the decode step (raised before the step ran)."""
+
+
+def _is_compile_error(e: Exception) -> bool:
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    try:
+        from torch._inductor.exc import InductorError
+    except ImportError:  # pragma: no cover - older torch
+        InductorError = BackendCompilerFailed  # noqa: N806
+    return isinstance(e, (BackendCompilerFailed, InductorError))
 
 
 class SlidingWindowCache(StaticCache):
