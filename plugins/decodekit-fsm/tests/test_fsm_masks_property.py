@@ -5,7 +5,7 @@ import codecs
 import re
 
 import numpy as np
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import example, HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from decodekit_fsm.automaton import Engine, is_word
@@ -55,6 +55,8 @@ words_st = st.lists(st.text(alphabet="abAB -éß", min_size=1, max_size=4), min_
 pattern_st = st.lists(st.sampled_from(["a[b ]a", "b+a", "(ab|ba)b", "é", "a[^b]", "[^a-z ]"]), max_size=2)
 
 
+@example(vocab=[b"", b"a", b"\xa9", b"\xc3", b"b"], words=["A"], patterns=["[^a-z ]"], cs=False, ww=False,
+         prefix_idx=[3], at_end=True)  # a silent token ending the text after an open byte (found by hypothesis)
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
 @given(vocab=vocab_st, words=words_st, patterns=pattern_st, cs=st.booleans(), ww=st.booleans(),
        prefix_idx=st.lists(st.integers(0, 100), max_size=6), at_end=st.booleans())

@@ -231,8 +231,8 @@ def test_serve_stream_disconnect_frees_the_row(served):
 def test_serve_nonstream_disconnect_frees_the_row(served):
     url, sched, *_ = served
     cancelled, joined = sched.stats["cancelled"], sched.stats["joined"]
-    req = {"model": MODEL, "prompt": "the", "max_tokens": 400, "decodekit": {"stop_at_eos": False}}
-    with httpx.Client(base_url=url, timeout=httpx.Timeout(60, read=2.0)) as c:
+    req = {"model": MODEL, "prompt": "the", "max_tokens": 500, "decodekit": {"stop_at_eos": False}}
+    with httpx.Client(base_url=url, timeout=httpx.Timeout(60, read=0.5)) as c:  # 500 tiny-model tokens take longer than 0.5 s
         with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
             c.post("/v1/completions", json=req)
     assert sched.stats["joined"] == joined + 1  # it was decoding when the client left

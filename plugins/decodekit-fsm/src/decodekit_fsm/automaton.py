@@ -540,6 +540,7 @@ class Engine:
         self._fffd = self.alpha.cls(FFFD)
         self._cont = self.tt.cont & ~self.is_end  # decided exactly after open bytes
         self._cont_ids = np.flatnonzero(self._cont)
+        self._exact_ids = np.flatnonzero(self._cont | self._silent)
         self._table: TokenTable | None = None
         self._static: np.ndarray | None = None
         self._node_ranges: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -676,8 +677,10 @@ class Engine:
             base = np.flatnonzero(~self._silent)
         else:
             base = self.mask_ids(self.intern((b"", after)), at_end)
-        base = base[~self._cont[base]]
-        exact = [t for t in self._cont_ids.tolist() if self._hits(pending, states, t, at_end)]
+        # Silent tokens (no bytes) add nothing but, at the end, flush the open bytes: decided
+        # exactly like continuation bytes (hypothesis found b"\xc3" + b"" at the end vs [^a-z ]).
+        base = base[~(self._cont[base] | self._silent[base])]
+        exact = [t for t in self._exact_ids.tolist() if self._hits(pending, states, t, at_end)]
         return np.union1d(base, np.array(exact, dtype=np.int64))
 
     def _hits(self, pending: bytes, states: tuple[int, ...], tok: int, at_end: bool) -> bool:
