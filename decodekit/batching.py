@@ -29,7 +29,7 @@ import torch
 
 from decodekit.components import Cache
 from decodekit.errors import DecodekitError
-from decodekit.loop import _apply_rollback, _eos_ids, _trim
+from decodekit.loop import _apply_rollback, _commit, _eos_ids, _trim
 from decodekit.plugins import get_plugin_manager
 from decodekit.state import DecodeState, Proposal
 from decodekit.strategy import Strategy
@@ -218,27 +218,7 @@ def _commit_rows(st: DecodeState, inputs: torch.Tensor, n: torch.Tensor, nxt: to
                  max_new: torch.Tensor, eos_on: torch.Tensor, cap: int) -> None:
     """:func:`decodekit.loop._commit` with a per-row token budget ``max_new`` [B] and per-row EOS
     switch ``eos_on`` [B] (requests differ in ``max_tokens`` and ``stop_at_eos``)."""
-    B, T = inputs.shape
-    ar = torch.arange(T, device=st.device)
-    step_tokens = torch.cat([inputs[:, 1:], torch.zeros_like(inputs[:, :1])], 1)  # [B, T]
-    step_tokens.scatter_(1, n[:, None], nxt[:, None])
-    count = torch.minimum(n + 1, max_new - st.n_new)
-    is_eos = torch.isin(step_tokens, st.eos_token_ids) & (ar[None] < count[:, None]) & eos_on[:, None]
-    first = torch.where(is_eos.any(1), is_eos.long().argmax(1), T)
-    count = torch.minimum(count, first + 1).masked_fill(st.finished, 0)
-    eos_hit = is_eos.any(1) & (count > 0)
-    if st.out_tokens.shape[1] < cap + T:
-        st.out_tokens = _fit(st.out_tokens, cap + T, 0)
-    st.out_tokens.scatter_(1, st.n_new[:, None] + ar[None], step_tokens)
-    st.tokens = torch.cat([st.tokens, inputs], 1)
-    st.valid = torch.cat([st.valid, ar[None] < count[:, None]], 1)
-    new_last = step_tokens.gather(1, (count - 1).clamp_min(0)[:, None])[:, 0]
-    st.last = torch.where(count > 0, new_last, st.last)
-    st.committed = st.committed + count
-    st.n_new = st.n_new + count
-    st.finished = st.finished | (st.n_new >= max_new) | eos_hit
-    st.step_tokens, st.accepted = step_tokens, count
-    st.rolled_back = torch.zeros_like(count)
+    _commit(st, inputs, n, nxt, max_new=max_new, eos_on=eos_on, cap=cap)
 
 
 @dataclass

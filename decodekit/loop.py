@@ -185,15 +185,31 @@ def prepare(
 
 
 # ---------------------------------------------------------------------------- one step
-def _commit(state: DecodeState, inputs: torch.Tensor, n: torch.Tensor, nxt: torch.Tensor) -> None:
-    """Append this step's committed tokens: per row the first ``n`` proposals and ``nxt``."""
+def _commit(
+    state: DecodeState,
+    inputs: torch.Tensor,
+    n: torch.Tensor,
+    nxt: torch.Tensor,
+    max_new: torch.Tensor | None = None,
+    eos_on: torch.Tensor | None = None,
+    cap: int | None = None,
+) -> None:
+    """Append this step's committed tokens: per row the first ``n`` proposals and ``nxt``.
+
+    ``max_new`` [B] and ``eos_on`` [B] give per-row budgets and EOS switches (the server's rows
+    differ in ``max_tokens`` and ``stop_at_eos``); ``cap`` is then the largest budget.
+    """
     B, T = inputs.shape
+    budget = state.max_new_tokens if max_new is None else max_new
+    cap = state.max_new_tokens if cap is None else cap
     ar = torch.arange(T, device=state.device)
     step_tokens = torch.cat([inputs[:, 1:], torch.zeros_like(inputs[:, :1])], 1)
     step_tokens.scatter_(1, n[:, None], nxt[:, None])
-    count = torch.minimum(n + 1, state.max_new_tokens - state.n_new)
+    count = torch.minimum(n + 1, budget - state.n_new)
     if state.eos_token_ids.numel():
         is_eos = torch.isin(step_tokens, state.eos_token_ids) & (ar[None] < count[:, None])
+        if eos_on is not None:
+            is_eos &= eos_on[:, None]
         first = torch.where(is_eos.any(1), is_eos.long().argmax(1), T)
         count = torch.minimum(count, first + 1)
         eos_hit = is_eos.any(1)
@@ -201,9 +217,9 @@ def _commit(state: DecodeState, inputs: torch.Tensor, n: torch.Tensor, nxt: torc
         eos_hit = torch.zeros_like(state.finished)
     count = count.masked_fill(state.finished, 0)
 
-    cap = state.out_tokens.shape[1]
-    if cap < state.max_new_tokens + T:
-        grow = torch.zeros(B, state.max_new_tokens + T - cap, dtype=torch.long, device=state.device)
+    have = state.out_tokens.shape[1]
+    if have < cap + T:
+        grow = torch.zeros(B, cap + T - have, dtype=torch.long, device=state.device)
         state.out_tokens = torch.cat([state.out_tokens, grow], 1)
     state.out_tokens.scatter_(1, state.n_new[:, None] + ar[None], step_tokens)
     # Slot t of this step holds inputs[:, t]; it is committed-and-not-last iff t < count.
@@ -213,7 +229,7 @@ def _commit(state: DecodeState, inputs: torch.Tensor, n: torch.Tensor, nxt: torc
     state.last = torch.where(count > 0, new_last, state.last)
     state.committed = state.committed + count
     state.n_new = state.n_new + count
-    state.finished = state.finished | (state.n_new >= state.max_new_tokens) | (eos_hit & (count > 0))
+    state.finished = state.finished | (state.n_new >= budget) | (eos_hit & (count > 0))
     state.step_tokens, state.accepted = step_tokens, count
     state.rolled_back = torch.zeros_like(count)
 
