@@ -29,7 +29,7 @@ import torch
 
 from decodekit.components import Cache
 from decodekit.errors import DecodekitError
-from decodekit.loop import _apply_rollback, _commit, _eos_ids, _trim
+from decodekit.loop import _apply_rollback, _call, _commit, _eos_ids, _trim, run_processors
 from decodekit.plugins import get_plugin_manager
 from decodekit.state import DecodeState, Proposal
 from decodekit.strategy import Strategy
@@ -202,18 +202,6 @@ class Cohort:
             get_plugin_manager().call("decodekit_generation_end", state=self.view)
 
 
-def _call(fns: Fns, state: DecodeState) -> Any:
-    out = None
-    for label, fn in fns:
-        try:
-            out = fn(state)
-        except Exception as e:
-            e.add_note(f"decodekit: raised in {label}")
-            raise
-    return out
-
-
-# ------------------------------------------------------------------------------------ the batch
 def _commit_rows(st: DecodeState, inputs: torch.Tensor, n: torch.Tensor, nxt: torch.Tensor,
                  max_new: torch.Tensor, eos_on: torch.Tensor, cap: int) -> None:
     """:func:`decodekit.loop._commit` with a per-row token budget ``max_new`` [B] and per-row EOS
@@ -444,14 +432,7 @@ class Batch:
                     probs = torch.cat([probs, probs.new_zeros(probs.shape[0], k - probs.shape[1], probs.shape[2])], 1)
                 v.proposal = Proposal(tokens=v.proposals, probs=probs, lengths=v.n_proposed)
             try:
-                for label, fn in c.proc:
-                    try:
-                        out = fn(v)
-                    except Exception as e:
-                        e.add_note(f"decodekit: raised in {label}")
-                        raise
-                    if out is not None:
-                        v.scores = out
+                run_processors(c.proc, v)
                 target, probs = c.sampler.sample(v)
                 n_c, nxt_c = verify(v, target, probs, v.proposal)
             except Exception as e:

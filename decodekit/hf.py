@@ -27,7 +27,7 @@ import torch
 from decodekit.api import _stream_row0
 from decodekit.components import Greedy, HFProcessor, Processor
 from decodekit.errors import DecodekitError
-from decodekit.loop import _apply_rollback, _row_seeds, _trim, run
+from decodekit.loop import _apply_rollback, _row_seeds, _trim, run, run_processors
 from decodekit.state import DecodeState
 from decodekit.strategy import Strategy
 
@@ -261,14 +261,7 @@ class DecodekitLogitsProcessor(_LogitsProcessorBase):
         """``input_ids`` ``[B, L]``, ``scores`` ``[B, V]`` -> processed scores ``[B, V]``."""
         state = self._sync(input_ids, scores.shape[-1])
         state.scores = scores[:, None].float()  # [B, 1, V]: verify position 0 conditions on input_ids
-        for label, fn in self._proc:
-            try:
-                out = fn(state)
-            except Exception as e:
-                e.add_note(f"decodekit: raised in {label} (inside decodekit.hf.DecodekitLogitsProcessor)")
-                raise
-            if out is not None:
-                state.scores = out
+        run_processors(self._proc, state, " (inside decodekit.hf.DecodekitLogitsProcessor)")
         return state.scores[:, 0].to(scores.dtype)
 
 

@@ -266,6 +266,19 @@ def _trim(state: DecodeState) -> bool:
     return bool(done)
 
 
+def run_processors(fns: Fns, state: DecodeState, where: str = "") -> None:
+    """The ordered processors: each sees the previous one's ``state.scores`` (returning new scores
+    or ``None`` after changing them in place)."""
+    for label, fn in fns:
+        try:
+            out = fn(state)
+        except Exception as e:
+            e.add_note(f"decodekit: raised in {label}{where}")
+            raise
+        if out is not None:
+            state.scores = out
+
+
 def _call(fns: Fns, state: DecodeState) -> None:
     for label, fn in fns:
         try:
@@ -292,14 +305,7 @@ def run(state: DecodeState, strategy: Strategy) -> Iterator[DecodeState]:
     k_max = drafter.max_proposals() if drafter else 0
 
     def process(state: DecodeState) -> None:
-        for label, fn in proc:
-            try:
-                out = fn(state)
-            except Exception as e:
-                e.add_note(f"decodekit: raised in {label}")
-                raise
-            if out is not None:
-                state.scores = out
+        run_processors(proc, state)
 
     state.out_tokens = torch.zeros(state.batch_size, state.max_new_tokens + k_max + 1, dtype=torch.long, device=state.device)
     state.proposals = torch.zeros(state.batch_size, 0, dtype=torch.long, device=state.device)
