@@ -172,7 +172,10 @@ class Cache(Component):
         eagerly; a cache that owns static buffers may override it to run them as one captured CUDA
         graph / ``torch.compile`` step (gpt-fast compiles exactly this unit).
         """
-        state.scores = self.forward(state, inputs).to(state.device, torch.float32)  # [B, T, V]
+        logits = self.forward(state, inputs)
+        if logits.dtype != torch.float32 or logits.device != state.device:  # a sharded model: last device
+            logits = logits.to(state.device, torch.float32)
+        state.scores = logits  # [B, T, V]
         process(state)
         return sampler.sample(state)
 

@@ -176,6 +176,7 @@ def prepare(
     )
     state.tokens, state.valid = grid[:, : P - 1], mask[:, : P - 1]
     state.last = grid[:, P - 1].clone()
+    state.dense = len(set(lengths)) == 1
     state.committed = state.prompt_lengths.clone()
     state.n_new = torch.zeros(B, dtype=torch.long, device=device)
     state.finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -202,6 +203,33 @@ def _commit(
     B, T = inputs.shape
     budget = state.max_new_tokens if max_new is None else max_new
     cap = state.max_new_tokens if cap is None else cap
+    have = state.out_tokens.shape[1]
+    if have < cap + T:
+        grow = torch.zeros(B, cap + T - have, dtype=torch.long, device=state.device)
+        state.out_tokens = torch.cat([state.out_tokens, grow], 1)
+    if T == 1:
+        # Plain decoding (no proposals): the same rules as below with T = 1, in a third of the
+        # small ops; on a small model the host's own ops are what a step costs beyond the model.
+        # [B] the row commits nxt. An unfinished row is always under budget: finishing is set
+        # the moment n_new reaches it, and a rollback lowers n_new.
+        live = ~state.finished
+        step_tokens = nxt.unsqueeze(1)
+        state.out_tokens.scatter_(1, state.n_new.unsqueeze(1), step_tokens)
+        state.append_slot(state.last, live)
+        state.last = torch.where(live, nxt, state.last)
+        count = live.long()
+        state.committed = state.committed + count
+        state.n_new = state.n_new + count
+        done = state.n_new >= budget
+        if state.eos_token_ids.numel():
+            hit = torch.isin(nxt, state.eos_token_ids) & live
+            done |= hit if eos_on is None else hit & eos_on
+        state.finished = state.finished | done
+        state.step_tokens, state.accepted = step_tokens, count
+        state.rolled_back = n  # zeros: nothing proposed, nothing rolled back
+        return
+    if B > 1:
+        state.dense = False  # ragged acceptance leaves holes (at batch 1 they trail and are trimmed)
     ar = torch.arange(T, device=state.device)
     step_tokens = torch.cat([inputs[:, 1:], torch.zeros_like(inputs[:, :1])], 1)
     step_tokens.scatter_(1, n[:, None], nxt[:, None])
@@ -216,15 +244,9 @@ def _commit(
     else:
         eos_hit = torch.zeros_like(state.finished)
     count = count.masked_fill(state.finished, 0)
-
-    have = state.out_tokens.shape[1]
-    if have < cap + T:
-        grow = torch.zeros(B, cap + T - have, dtype=torch.long, device=state.device)
-        state.out_tokens = torch.cat([state.out_tokens, grow], 1)
     state.out_tokens.scatter_(1, state.n_new[:, None] + ar[None], step_tokens)
     # Slot t of this step holds inputs[:, t]; it is committed-and-not-last iff t < count.
-    state.tokens = torch.cat([state.tokens, inputs], 1)
-    state.valid = torch.cat([state.valid, ar[None] < count[:, None]], 1)
+    state.append_slots(inputs, ar[None] < count[:, None])
     new_last = step_tokens.gather(1, (count - 1).clamp_min(0)[:, None])[:, 0]
     state.last = torch.where(count > 0, new_last, state.last)
     state.committed = state.committed + count
@@ -237,6 +259,8 @@ def _commit(
 def _apply_rollback(state: DecodeState, m: torch.Tensor) -> None:
     """Un-commit the last ``m[r]`` tokens of each row (requested by a component)."""
     m = torch.minimum(m.clamp_min(0), state.n_new)
+    if state.batch_size > 1:
+        state.dense = False  # rolled-back slots become holes (at batch 1 they trail and are trimmed)
     # Rank valid slots from the end (1 = the last valid slot). Removing m tokens drops `last` and
     # the m-1 slots before it; the m-th slot from the end becomes the new pending token.
     rank = state.valid.flip(1).long().cumsum(1).flip(1)
@@ -309,6 +333,9 @@ def run(state: DecodeState, strategy: Strategy) -> Iterator[DecodeState]:
 
     state.out_tokens = torch.zeros(state.batch_size, state.max_new_tokens + k_max + 1, dtype=torch.long, device=state.device)
     state.proposals = torch.zeros(state.batch_size, 0, dtype=torch.long, device=state.device)
+    # Zeros shared by every step without proposals (n_proposed, n_matched, rolled_back): state
+    # fields are read-only to components, and one allocation per step is a cost small models see.
+    no_proposals = torch.zeros(state.batch_size, dtype=torch.long, device=state.device)
     drafted = torch.zeros((), dtype=torch.long, device=state.device)
     matched = torch.zeros((), dtype=torch.long, device=state.device)
     for c in components:
@@ -319,7 +346,8 @@ def run(state: DecodeState, strategy: Strategy) -> Iterator[DecodeState]:
     grad = torch.is_grad_enabled()
     try:
         while True:
-            torch.set_grad_enabled(False)
+            if grad:
+                torch.set_grad_enabled(False)
             # pre-logits: a drafter may propose up to k tokens per row
             proposal = None
             for label, fn in pre:
@@ -338,12 +366,13 @@ def run(state: DecodeState, strategy: Strategy) -> Iterator[DecodeState]:
                 state.n_proposed = lengths.to(state.device).clamp(0, k).masked_fill(state.finished, 0)
             else:
                 proposal = None
-                state.proposals = state.proposals[:, :0]
-                state.n_proposed = torch.zeros(B, dtype=torch.long, device=state.device)
+                if state.proposals.shape[1]:
+                    state.proposals = state.proposals[:, :0]
+                state.n_proposed = no_proposals
             state.proposal = proposal
             # forward (one model call over all rows and all proposed positions), process-logits
             # (the ordered processors, per position) and select: one unit the cache may capture
-            inputs = torch.cat([state.last[:, None], state.proposals], 1)  # [B, T]
+            inputs = torch.cat([state.last[:, None], state.proposals], 1) if proposal is not None else state.last.unsqueeze(1)  # [B, T]
             try:
                 target, probs = cache.step(state, inputs, process, sampler)  # [B, T], [B, T, V] | None
             except Exception as e:
@@ -352,25 +381,37 @@ def run(state: DecodeState, strategy: Strategy) -> Iterator[DecodeState]:
                 raise
             state.forward_passes += 1
             # verify
-            n, nxt = verify(state, target, probs, proposal)
-            n = n.masked_fill(state.finished, 0)
-            drafted += state.n_proposed.sum()
-            matched += n.sum()
+            if proposal is None:
+                n, nxt = state.n_proposed, target.select(1, 0)  # nothing proposed: zeros, the pick
+            else:
+                n, nxt = verify(state, target, probs, proposal)
+                n = n.masked_fill(state.finished, 0)
+                drafted += state.n_proposed.sum()
+                matched += n.sum()
             state.n_matched = n
             _commit(state, inputs, n, nxt)
             # accept/rollback: every stateful component learns what was committed
             _call(acc, state)
-            if state._rollback is not None:
+            rolled = state._rollback is not None
+            if rolled:
                 m, state._rollback = state._rollback, None
                 _apply_rollback(state, m)
                 _call(acc, state)
                 state._rollback = None
-            done = _trim(state)
+            if proposal is None and not rolled:
+                # One slot per row, committed by every live row: only when all rows have
+                # finished can trailing slots be holes in every row, so trim only then.
+                done = bool(state.finished.all())
+                if done:
+                    _trim(state)
+            else:
+                done = _trim(state)
             # cache-update: keep exactly the committed prefix minus the last token
             _call(upd, state)
             state.step += 1
             state.counters["drafted"], state.counters["matched"] = drafted, matched
-            torch.set_grad_enabled(grad)
+            if grad:
+                torch.set_grad_enabled(True)
             yield state
             # A consumer (stop strings) may finish rows after the yield; re-check only then.
             if done or (state.extras.get("stop") and bool(state.finished.all())):

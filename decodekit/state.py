@@ -57,6 +57,10 @@ class DecodeState:
     valid: torch.Tensor = None            # [B, S] bool, slot holds a committed token
     last: torch.Tensor = None             # [B] the last committed token (next input)
     committed: torch.Tensor = None        # [B] committed tokens incl. prompt and ``last``
+    #: No live row has a hole or left padding (equal-length prompts, and speculation or rollback
+    #: only at batch 1, where trailing holes are trimmed): a cache may then skip the attention
+    #: mask of a one-query forward. A host flag, kept by the loop; False is always safe.
+    dense: bool = False
 
     # --- outputs
     out_tokens: torch.Tensor = None       # [B, capacity] new tokens per row
@@ -74,6 +78,8 @@ class DecodeState:
     n_proposed: torch.Tensor = None       # [B] real proposals this step
     n_matched: torch.Tensor = None        # [B] proposals accepted this step
     _rollback: torch.Tensor | None = None
+    _slot_buf: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _slot_views: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     # --- counters for stats
     forward_passes: int = 0
@@ -119,9 +125,55 @@ class DecodeState:
         rows = self.out_tokens.tolist()
         return [row[:k] for row, k in zip(rows, n)]
 
+    def append_slots(self, tokens: torch.Tensor, valid: torch.Tensor) -> None:
+        """Append ``[B, T]`` slots to the slot buffer.
+
+        The buffer is preallocated and ``tokens``/``valid`` are prefix views of it, so a step
+        costs two small copies instead of re-concatenating the whole history (the host overhead
+        per token is what matters on small models). Whoever replaces ``tokens``/``valid`` with
+        other tensors (compaction, rollback) is fine: the next append copies them in once.
+        """
+        S, T = self.tokens.shape[1], tokens.shape[1]
+        buf = self._slot_buf
+        if buf is None or S + T > buf[0].shape[1] or not self._views_of(buf):
+            cap = max(2 * (S + T), S + self.max_new_tokens + 2 * T)
+            buf = (self.tokens.new_empty(self.batch_size, cap), self.valid.new_zeros(self.batch_size, cap))
+            buf[0][:, :S].copy_(self.tokens)
+            buf[1][:, :S].copy_(self.valid)
+            self._slot_buf = buf
+        buf[0][:, S:S + T].copy_(tokens)
+        buf[1][:, S:S + T].copy_(valid)
+        self.tokens, self.valid = buf[0][:, :S + T], buf[1][:, :S + T]
+        self._slot_views = (self.tokens, self.valid)
+
+    def _views_of(self, buf: tuple[torch.Tensor, torch.Tensor]) -> bool:
+        """``tokens``/``valid`` are still prefix views of the buffer (the views set last, or a
+        shorter prefix after a trim); anything else was replaced and must be copied in."""
+        views = self._slot_views
+        if views is not None and self.tokens is views[0] and self.valid is views[1]:
+            return True
+        return _is_prefix(self.tokens, buf[0]) and _is_prefix(self.valid, buf[1])
+
+    def append_slot(self, token: torch.Tensor, valid: torch.Tensor) -> None:
+        """:meth:`append_slots` for one slot per row (``[B]`` each): plain decoding's step."""
+        buf = self._slot_buf
+        S = self.tokens.shape[1]
+        if buf is None or S >= buf[0].shape[1] or not self._views_of(buf):
+            self.append_slots(token.unsqueeze(1), valid.unsqueeze(1))
+            return
+        buf[0].select(1, S).copy_(token)
+        buf[1].select(1, S).copy_(valid)
+        self.tokens, self.valid = buf[0].narrow(1, 0, S + 1), buf[1].narrow(1, 0, S + 1)
+        self._slot_views = (self.tokens, self.valid)
+
     # ----------------------------------------------------------- rollback
     def request_rollback(self, counts: torch.Tensor) -> None:
         """Ask the host to un-commit ``counts[r]`` new tokens of row ``r`` (called from an accept
         hook). Requests from several components combine by maximum."""
         counts = counts.to(self.device, torch.long)
         self._rollback = counts if self._rollback is None else torch.maximum(self._rollback, counts)
+
+
+def _is_prefix(view: torch.Tensor, buf: torch.Tensor) -> bool:
+    """``view`` is ``buf[:, :n]`` for some n (same storage start and strides)."""
+    return view.data_ptr() == buf.data_ptr() and view.stride() == buf.stride() and view.shape[0] == buf.shape[0]

@@ -84,3 +84,17 @@ def test_real_model_dynamic_cache_matches_generate():
     ref = model.generate(**enc, max_new_tokens=12, do_sample=False)[0, enc.input_ids.shape[1]:].tolist()
     out = decodekit.generate(model, tok, prompt, decodekit.Strategy(stop_at_eos=False), max_new_tokens=12)
     assert out.token_ids[0] == ref
+
+
+@pytest.mark.parametrize("cache", ["DynamicCache", "StaticCache"])
+def test_equal_length_batch_with_rows_finishing_at_different_steps(models, tok, kv, cache):
+    """Equal-length prompts (no padding) take the unmasked one-query path; rows that finish early
+    then hold holes while the others go on. Each row must still match transformers on its own."""
+    model = models["llama"]
+    prompts = ["the cat sat on", "a dog ran to", "the cat is on it"]
+    assert len({len(tok(p)["input_ids"]) for p in prompts}) == 1
+    refs = [kv.hf_greedy(model, tok, [p], N)[0] for p in prompts]  # each row alone: no batch at all
+    eos = refs[0][4]  # a token row 0 emits at step 5: rows finish at different steps (or never)
+    out = decodekit.generate(model, tok, prompts, decodekit.Strategy(cache=cache, eos_token_ids=[eos]), max_new_tokens=N)
+    assert out.token_ids == [_cut(r, eos) for r in refs]
+    assert len({len(t) for t in out.token_ids}) > 1, "the test needs rows of different lengths"

@@ -41,11 +41,24 @@ def _queries(state: DecodeState, seen: int, inputs: torch.Tensor) -> tuple[torch
     """Tokens, positions and validity of this forward's queries: slots the cache has not seen
     (the prompt, at prefill) followed by ``inputs`` (``last`` + proposals)."""
     B, T = inputs.shape
-    new_pos = (state.committed - 1)[:, None] + torch.arange(T, device=state.device)  # [B, T]
+    new_pos = (state.committed - 1).unsqueeze(1)
+    if T > 1:
+        new_pos = new_pos + torch.arange(T, device=state.device)  # [B, T]
+    if seen == state.n_slots:  # decoding: the cache has every slot, the queries are the inputs
+        return inputs, new_pos, None
     ids = torch.cat([state.tokens[:, seen:], inputs], 1)                               # [B, Q]
     pos = torch.cat([state.slot_positions()[:, seen:], new_pos], 1)
     qvalid = torch.cat([state.valid[:, seen:], torch.ones(B, T, dtype=torch.bool, device=state.device)], 1)
     return ids, pos, qvalid
+
+
+def _ones(cache: Cache, inputs: torch.Tensor) -> torch.Tensor:
+    """A reused all-True ``[B, T]`` query mask (read-only by contract: saves an allocation per step)."""
+    ones = getattr(cache, "_ones_cache", None)
+    if ones is None or ones.shape != inputs.shape or ones.device != inputs.device:
+        ones = torch.ones(inputs.shape, dtype=torch.bool, device=inputs.device)
+        cache._ones_cache = ones
+    return ones
 
 
 class _KVCache(Cache):
@@ -79,6 +92,10 @@ class _KVCache(Cache):
         capacity, block = self._capacity(state, T_max)
         ring = self._layout.window + self._depth if self._layout.window else 0
         self._store = KVStore(self._layout, state.batch_size, capacity, grow_block=block, ring=ring)
+        self._store.attn_impl, self._store.device = impl, state.device
+        # transformers builds no mask for one SDPA query without padding; only full layers qualify
+        # (a sliding layer's ring needs its mask).
+        self._maskless = impl == "sdpa" and not self._layout.n_sliding
         self._seen = 0
         self._T_max = T_max
         self._high = torch.full((state.batch_size,), -1, dtype=torch.long, device=state.device)
@@ -95,8 +112,20 @@ class _KVCache(Cache):
         store = self._store
         store.reserve(seen + Q)
         store.kv_len = seen + Q
-        kv_valid = torch.cat([state.valid[:, :seen], torch.zeros_like(qvalid)], 1)  # [B, seen+Q]
-        logits = run_model(state.model, store, ids, pos, qvalid, kv_valid, seen, state.committed - 1, T)
+        filled = False
+        if qvalid is None:  # decoding: every query is real
+            qvalid = _ones(self, inputs)
+            filled = T == 1
+            if filled and state.dense and self._maskless:
+                # No live row has a hole or padding: one query attends to everything cached.
+                kv_valid = None
+            else:
+                # One query per row: mark its own slot here, in the same op (run_model's fast path).
+                kv_valid = torch.cat([state.valid, qvalid if filled else torch.zeros_like(qvalid)], 1)
+        else:
+            kv_valid = torch.cat([state.valid[:, :seen], torch.zeros_like(qvalid)], 1)  # [B, seen+Q]
+        first_new = state.committed - 1 if self._layout.n_sliding else None  # only rings need it
+        logits = run_model(state.model, store, ids, pos, qvalid, kv_valid, seen, first_new, T, self_filled=filled)
         self._note_written(pos, qvalid)
         self._seen = seen + Q
         return logits
@@ -124,6 +153,8 @@ class _KVCache(Cache):
             )
 
     def step(self, state: DecodeState, inputs: torch.Tensor, process: Callable[[DecodeState], None], sampler: Sampler):
+        if not torch.is_grad_enabled():  # the host loop already switched autograd off
+            return super().step(state, inputs, process, sampler)
         with torch.no_grad():  # decoding never backpropagates: no autograd graph per step
             return super().step(state, inputs, process, sampler)
 

@@ -6,7 +6,7 @@ The same numbers drive the allocation (:mod:`decodekit_kvcache.store`) and the e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from decodekit.errors import DecodekitError
@@ -26,13 +26,13 @@ class Layout:
     head_dim: int
     window: int | None      # sliding window in positions: a query attends to keys with q - k < window
 
-    @property
-    def n_full(self) -> int:
-        return sum(k == FULL for k in self.kinds)
+    # Read a few times per decode step: counted once here (the dataclass is frozen).
+    n_full: int = field(init=False)
+    n_sliding: int = field(init=False)
 
-    @property
-    def n_sliding(self) -> int:
-        return sum(k == SLIDING for k in self.kinds)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "n_full", sum(k == FULL for k in self.kinds))
+        object.__setattr__(self, "n_sliding", sum(k == SLIDING for k in self.kinds))
 
 
 def text_config(config: Any) -> Any:

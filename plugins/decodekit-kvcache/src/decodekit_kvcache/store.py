@@ -45,6 +45,9 @@ class KVStore(HFCache):
         self.slots: torch.Tensor | None = None     # [Q] slots the queries write (full layers)
         self.ring_idx: torch.Tensor | None = None  # [B, Q] ring entry per query (R: scratch)
         self.kv_len = 0                             # full-layer slots attended this forward
+        self.attn_impl: str | None = None           # the model's attention implementation (mask format)
+        self.device: torch.device | None = None     # where the slot ids live (the model's input device)
+        self._slot_ids: torch.Tensor | None = None
 
     # ----------------------------------------------------------- transformers' side
     def __len__(self) -> int:
@@ -112,13 +115,21 @@ class KVStore(HFCache):
                     idx = order[:, None, :, None].expand(t.shape[0], t.shape[1], S, t.shape[3])
                     t[:, :, :S] = t.gather(2, idx)
 
+    def slot_ids(self, start: int, n: int) -> torch.Tensor:
+        """``arange(start, start + n)`` as a view of a kept ``arange`` (a view is cheaper than a
+        new tensor, and this runs every step)."""
+        ids = self._slot_ids
+        if ids is None or start + n > ids.numel() or ids.device != self.device:
+            ids = self._slot_ids = torch.arange(max(self.capacity, start + n), device=self.device)
+        return ids.narrow(0, start, n)
+
     def allocated_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
 
 
-def _to_mask(ok: torch.Tensor, model: Any) -> torch.Tensor:
+def _to_mask(ok: torch.Tensor, model: Any, impl: str | None = None) -> torch.Tensor:
     """transformers' own formats: boolean for SDPA (True = attend), additive float for eager."""
-    if model.config._attn_implementation == "eager":
+    if (impl or model.config._attn_implementation) == "eager":
         zero = torch.zeros((), dtype=model.dtype, device=ok.device)
         return torch.where(ok, zero, torch.finfo(model.dtype).min)
     return ok
@@ -130,10 +141,11 @@ def run_model(
     ids: torch.Tensor,
     pos: torch.Tensor,
     qvalid: torch.Tensor,
-    kv_valid: torch.Tensor,
+    kv_valid: torch.Tensor | None,
     start: int | torch.Tensor,
-    first_new: torch.Tensor,
+    first_new: torch.Tensor | None,
     keep: int,
+    self_filled: bool = False,
 ) -> torch.Tensor:
     """One model call over ``Q`` queries per row; returns the logits of the last ``keep``.
 
@@ -144,15 +156,29 @@ def run_model(
             the queries' own slots ``start .. start+Q-1`` are filled in here.
         start: first slot the queries write (an int, or a 0-dim tensor in the compiled step).
         first_new: ``[B]`` each row's first uncommitted position: ring entries at or beyond it are
-            stale (rejected or rolled back) and masked, which makes ring rollback O(1).
+            stale (rejected or rolled back) and masked, which makes ring rollback O(1). Needed
+            only when the model has sliding layers.
+        self_filled: with one query per row, ``kv_valid`` already marks the query's own slot
+            (the caller built it that way for free), so the mask is ``kv_valid`` itself.
+        kv_valid=None (full layers only, one query per row): every slot up to the query's own is
+            attended, so no mask is needed; SDPA's unmasked kernel is the fastest there is.
     """
     B, Q = ids.shape
     dev = ids.device
-    q = torch.arange(Q, device=dev)
-    slots = start + q                                              # [Q]
+    # [Q] the slots the queries write (one op when ``start`` is a host int; a tensor when compiled)
+    slots = store.slot_ids(start, Q) if isinstance(start, int) else start + torch.arange(Q, device=dev)
     layout = store.layout
     masks: dict[str, torch.Tensor] = {}
-    if layout.n_full:
+    if kv_valid is None:
+        assert Q == 1 and not layout.n_sliding, "an unmasked forward is for one query per row on full layers"
+    elif layout.n_full and Q == 1:
+        # One query per row (plain decoding): it sees the committed slots and itself; every
+        # other slot is a hole or lies beyond it (kv_valid marks only committed slots, all before
+        # ``start``). At most one op instead of the general build below (small models notice).
+        kv = kv_valid if self_filled else kv_valid.index_fill(1, slots, True)
+        masks[FULL] = _to_mask(kv[:, None, None, :], model, store.attn_impl)
+    elif layout.n_full:
+        q = torch.arange(Q, device=dev)
         L = kv_valid.shape[1]
         kv = kv_valid.index_copy(1, slots, qvalid)                 # [B, L]
         j = torch.arange(L, device=dev)
@@ -160,10 +186,12 @@ def run_model(
         # A query always sees itself: a hole's row is then never all-masked (NaN in SDPA would
         # reach the cache and, times a zero weight, still poison real rows).
         ok = (kv[:, None, :] & causal) | (j[None, :] == slots[:, None])  # [B, Q, L]
-        masks[FULL] = _to_mask(ok[:, None], model)
+        masks[FULL] = _to_mask(ok[:, None], model, store.attn_impl)
     ring_idx = None
     if layout.n_sliding:
+        assert first_new is not None, "models with sliding layers need first_new"
         R, W = store.ring, layout.window
+        q = torch.arange(Q, device=dev)
         if store.ring_pos is None:
             store.ring_pos = torch.full((B, R + 1), -1, dtype=torch.long, device=dev)
             torch._dynamo.mark_static_address(store.ring_pos)
@@ -172,15 +200,16 @@ def run_model(
         ring_ok = near & ((rp >= 0) & (rp < first_new[:, None]))[:, None, :]
         new_ok = qvalid[:, None, :] & (q[None, :] <= q[:, None]) & (pos[:, :, None] - pos[:, None, :] < W)
         new_ok = new_ok | torch.eye(Q, dtype=torch.bool, device=dev)
-        masks[SLIDING] = _to_mask(torch.cat([ring_ok, new_ok], 2)[:, None], model)  # [B, 1, Q, R+1+Q]
+        masks[SLIDING] = _to_mask(torch.cat([ring_ok, new_ok], 2)[:, None], model, store.attn_impl)  # [B, 1, Q, R+1+Q]
         # Only the last R positions of a row can land (more would collide in the ring).
         top = pos.masked_fill(~qvalid, -1).amax(1, keepdim=True)
         land = qvalid & (pos > top - R)
         ring_idx = torch.where(land, pos % R, R)                   # [B, Q]
     store.slots, store.ring_idx = slots, ring_idx
-    mask: Any = masks if len(masks) > 1 else next(iter(masks.values()))
+    mask: Any = masks if len(masks) > 1 else next(iter(masks.values()), None)
     out = model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=store, use_cache=True, logits_to_keep=keep)
     if ring_idx is not None:
         store.ring_pos.scatter_(1, ring_idx, pos)
         store.ring_pos[:, -1] = -1                                  # scratch never holds a position
-    return out.logits[:, -keep:]
+    logits = out.logits
+    return logits if logits.shape[1] == keep else logits[:, -keep:]
