@@ -290,6 +290,48 @@ def _trim(state: DecodeState) -> bool:
     return bool(done)
 
 
+class _StopCheck:
+    """Have all rows finished? On CUDA the answer is read one step late.
+
+    Reading it at once is a host sync per step: the GPU drains, then waits for the host to
+    launch the next step. Instead the flag is copied to pinned memory without blocking and read
+    after the *next* step has been queued, so the GPU always has work. The cost is at most one
+    extra step at the very end, in which every row is finished and nothing changes (finished
+    rows commit nothing).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.lag = self.lags(device)
+        self.cuda = device.type == "cuda"
+        self.pending: tuple[Any, torch.Tensor] | None = None
+        if self.lag and self.cuda:
+            self.bufs = [torch.zeros((), dtype=torch.bool, pin_memory=True) for _ in range(2)]
+            self.events = [torch.cuda.Event() for _ in range(2)]
+            self.i = 0
+
+    @staticmethod
+    def lags(device: torch.device) -> bool:
+        """CPU work is synchronous: a late answer would only cost an extra step there."""
+        return device.type == "cuda"
+
+    def all_finished(self, finished: torch.Tensor) -> bool:
+        if not self.lag:
+            return bool(finished.all())
+        if self.cuda:
+            buf, ev = self.bufs[self.i], self.events[self.i]
+            self.i ^= 1
+            buf.copy_(finished.all(), non_blocking=True)
+            ev.record()
+        else:
+            buf, ev = finished.all(), None
+        prev, self.pending = self.pending, (ev, buf)
+        if prev is None:
+            return False
+        if prev[0] is not None:
+            prev[0].synchronize()  # the previous step's flag; this step is already queued behind it
+        return bool(prev[1])
+
+
 def run_processors(fns: Fns, state: DecodeState, where: str = "") -> None:
     """The ordered processors: each sees the previous one's ``state.scores`` (returning new scores
     or ``None`` after changing them in place)."""
@@ -344,6 +386,8 @@ def run(state: DecodeState, strategy: Strategy) -> Iterator[DecodeState]:
     # Decoding needs no autograd graph; switched off per step, not around the generator, so the
     # caller's grad mode is untouched between yields.
     grad = torch.is_grad_enabled()
+    stop_check = _StopCheck(state.device)
+    plain = True  # no step so far had proposals or a rollback
     try:
         while True:
             if grad:
@@ -401,10 +445,13 @@ def run(state: DecodeState, strategy: Strategy) -> Iterator[DecodeState]:
             if proposal is None and not rolled:
                 # One slot per row, committed by every live row: only when all rows have
                 # finished can trailing slots be holes in every row, so trim only then.
-                done = bool(state.finished.all())
+                # Every step so far committed one token per live row: after max_new_tokens of
+                # them every row is finished, which the host knows without asking the device.
+                done = (plain and state.step + 1 >= state.max_new_tokens) or stop_check.all_finished(state.finished)
                 if done:
                     _trim(state)
             else:
+                plain = False
                 done = _trim(state)
             # cache-update: keep exactly the committed prefix minus the last token
             _call(upd, state)

@@ -154,3 +154,20 @@ def test_decoding_builds_no_autograd_graph_and_leaves_grad_mode(tok):
     assert torch.is_grad_enabled()  # the caller's mode between yields
     list(it)
     assert seen == [(False, False)] * 3
+
+
+def test_stop_check_read_one_step_late_changes_nothing(tok, monkeypatch):
+    """On CUDA the all-finished flag is read one step late (no host sync per step). Forced on here:
+    the tokens must equal the synchronous loop's, with at most one extra (empty) step."""
+    from decodekit import loop
+    from decodekit.testing import tiny_model
+
+    model = tiny_model("llama", seed=1)
+    ref = hf_greedy(model, tok, PROMPTS, 12)
+    eos = ref[0][3]  # row 0 stops early; the others run on
+    s = Strategy(cache=HFDynamic(), eos_token_ids=[eos])
+    sync = decodekit.generate(model, tok, PROMPTS, s, max_new_tokens=12)
+    monkeypatch.setattr(loop._StopCheck, "lags", staticmethod(lambda device: True))
+    late = decodekit.generate(model, tok, PROMPTS, s, max_new_tokens=12)
+    assert late.token_ids == sync.token_ids == [r[: r.index(eos) + 1] if eos in r else r for r in ref]
+    assert sync.stats["forward_passes"] <= late.stats["forward_passes"] <= sync.stats["forward_passes"] + 1

@@ -220,11 +220,13 @@ class StaticCache(_KVCache):
         super().setup(state)
         self._graph = self._compiled_on(state)
         self._kvalid = torch.zeros(state.batch_size, self._store.capacity, dtype=torch.bool, device=state.device)
+        self._kv_hi = 0  # columns of _kvalid at or beyond this are False
         self._start = torch.zeros((), dtype=torch.long, device=state.device)
         if self._graph:
             torch._dynamo.mark_static_address(self._kvalid)
             torch._dynamo.mark_static_address(self._start)
         self._fns: dict[int, Callable] = {}
+        self._qvalid: dict[tuple[int, int, int], torch.Tensor] = {}
         self._stats = state.extras.setdefault("stats", {})
         self._stats.update(warmup_s=0.0, compiled_steps=0, compactions=0)
 
@@ -235,7 +237,9 @@ class StaticCache(_KVCache):
         self._seen = S
         if self._graph:
             self._kvalid[:, :S].copy_(state.valid)
-            self._kvalid[:, S:].fill_(False)
+            if S < self._kv_hi:  # slots beyond S were valid before a trim or compaction
+                self._kvalid[:, S:self._kv_hi].fill_(False)
+            self._kv_hi = S
             self._start.fill_(S)
 
     def _compact(self, state: DecodeState) -> int:
@@ -285,7 +289,9 @@ class StaticCache(_KVCache):
         if first:
             fn = self._fns[Tb] = self._make_step(Tb)
             t0 = time.perf_counter()
-        qvalid = (torch.arange(Tb, device=state.device) < T).expand(B, Tb)  # bucket padding is not real
+        qvalid = self._qvalid.get((B, Tb, T))
+        if qvalid is None:  # bucket padding is not real; one tensor per shape, not one per step
+            qvalid = self._qvalid[(B, Tb, T)] = (torch.arange(Tb, device=state.device) < T).expand(B, Tb).contiguous()
         torch.compiler.cudagraph_mark_step_begin()
         try:
             target, probs = fn(state.model, self._store, process, sampler, state, inputs, qvalid, self._kvalid, self._start)
@@ -300,10 +306,14 @@ class StaticCache(_KVCache):
                 torch.cuda.synchronize(state.device)
             self._stats["warmup_s"] += time.perf_counter() - t0
         self._stats["compiled_steps"] += 1
-        self._note_written(state.committed[:, None] - 1 + torch.arange(Tb, device=state.device), qvalid)
+        if self._layout.window:
+            self._note_written(state.committed[:, None] - 1 + torch.arange(Tb, device=state.device), qvalid)
         state.proposals = proposals
-        state.scores = state.scores[:, :T]
-        return target[:, :T].clone(), None if probs is None else probs[:, :T].clone()
+        if Tb > T:
+            state.scores = state.scores[:, :T]
+            target, probs = target[:, :T], None if probs is None else probs[:, :T]
+        # Graph outputs are overwritten by the next replay: the caller keeps copies.
+        return target.clone(), None if probs is None else probs.clone()
 
     def _make_step(self, T: int) -> Callable:
         def decode_step(model, store, process, sampler, state, inputs, qvalid, kvalid, start):
