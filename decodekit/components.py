@@ -46,6 +46,14 @@ class Component(BaseModel):
             kwargs = {fields[0]: args[0], **kwargs}
         super().__init__(**kwargs)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Working state (underscore names not declared as pydantic PrivateAttr) is plain instance
+        # data, some of it set every step: pydantic's validating __setattr__ costs microseconds.
+        if name[0] == "_" and name not in type(self).__private_attributes__:
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
+
     def setup(self, state: DecodeState) -> None:
         """Reset per-generation working state (called once before prefill)."""
 

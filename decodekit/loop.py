@@ -212,11 +212,11 @@ def _commit(
         # small ops; on a small model the host's own ops are what a step costs beyond the model.
         # [B] the row commits nxt. An unfinished row is always under budget: finishing is set
         # the moment n_new reaches it, and a rollback lowers n_new.
-        live = ~state.finished
+        fin = state.finished
         step_tokens = nxt.unsqueeze(1)
         state.out_tokens.scatter_(1, state.n_new.unsqueeze(1), step_tokens)
-        state.append_slot(state.last, live)
-        state.last = torch.where(live, nxt, state.last)
+        live = state.append_slot(state.last, fin)  # the new slot's validity: live rows commit
+        state.last = torch.where(fin, state.last, nxt)
         count = live.long()
         state.committed = state.committed + count
         state.n_new = state.n_new + count

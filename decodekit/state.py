@@ -154,17 +154,20 @@ class DecodeState:
             return True
         return _is_prefix(self.tokens, buf[0]) and _is_prefix(self.valid, buf[1])
 
-    def append_slot(self, token: torch.Tensor, valid: torch.Tensor) -> None:
-        """:meth:`append_slots` for one slot per row (``[B]`` each): plain decoding's step."""
+    def append_slot(self, token: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+        """One slot per row (plain decoding's step): ``token`` [B], valid where not ``finished``
+        [B]. Returns the new slot's validity [B] (a view; read it before the next append)."""
         buf = self._slot_buf
         S = self.tokens.shape[1]
         if buf is None or S >= buf[0].shape[1] or not self._views_of(buf):
-            self.append_slots(token.unsqueeze(1), valid.unsqueeze(1))
-            return
-        buf[0].select(1, S).copy_(token)
-        buf[1].select(1, S).copy_(valid)
-        self.tokens, self.valid = buf[0].narrow(1, 0, S + 1), buf[1].narrow(1, 0, S + 1)
-        self._slot_views = (self.tokens, self.valid)
+            self.append_slots(token.unsqueeze(1), ~finished.unsqueeze(1))
+            buf = self._slot_buf
+        else:
+            buf[0].select(1, S).copy_(token)
+            torch.logical_not(finished, out=buf[1].select(1, S))
+            self.tokens, self.valid = buf[0].narrow(1, 0, S + 1), buf[1].narrow(1, 0, S + 1)
+            self._slot_views = (self.tokens, self.valid)
+        return buf[1].select(1, S)
 
     # ----------------------------------------------------------- rollback
     def request_rollback(self, counts: torch.Tensor) -> None:
