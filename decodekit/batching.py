@@ -237,7 +237,8 @@ class Batch:
         self.vocab = int(getattr(getattr(cfg, "get_text_config", lambda: cfg)(), "vocab_size", None) or len(self.tokenizer))
 
     def __len__(self) -> int:
-        return len(self.keys)
+        # ``None`` marks a free batch slot (only in batches whose rows stay put, see decodekit-serve's StaticBatch)
+        return sum(k is not None for k in self.keys)
 
     # ------------------------------------------------------------------ building
     def _state(self, ids: list[list[int]], seeds: list[int], max_new: int) -> DecodeState:
@@ -272,9 +273,22 @@ class Batch:
         return v
 
     def _reindex(self) -> None:
-        row_of = {k: r for r, k in enumerate(self.keys)}
+        row_of = {k: r for r, k in enumerate(self.keys) if k is not None}
         for c in self.cohorts:
             c.index(row_of, self.device)
+
+    # ------------------------------------------------------------------ hooks for other layouts
+    # A batch whose rows stay in fixed batch slots of a preallocated cache (decodekit-serve's
+    # StaticBatch) overrides these; the dynamic batch needs none of them.
+    def _prefill_batch(self) -> "Batch":
+        """An empty batch whose cache prefills joining rows (merged by :meth:`_merge`)."""
+        return Batch(self.model, self.tokenizer)
+
+    def _make_room(self, T: int) -> None:
+        """Called before each step, which writes up to ``T`` slots per row (the dynamic cache grows)."""
+
+    def _rolled_back(self, m: torch.Tensor) -> None:
+        """Called after rows were rolled back by ``m`` [B] tokens."""
 
     # ------------------------------------------------------------------ join / leave
     def join(self, specs: list[RowSpec]) -> None:
@@ -290,7 +304,7 @@ class Batch:
                 )
             if s.max_new_tokens < 1:
                 raise DecodekitError(f"row {s.key!r}: max_new_tokens must be >= 1, got {s.max_new_tokens}")
-        new = Batch(self.model, self.tokenizer)
+        new = self._prefill_batch()
         new.keys = [s.key for s in specs]
         new.state = new._state([s.prompt_ids for s in specs], [s.seed for s in specs], max(s.max_new_tokens for s in specs))
         new.max_new = torch.tensor([s.max_new_tokens for s in specs], dtype=torch.long, device=self.device)
@@ -385,6 +399,8 @@ class Batch:
     def step(self) -> DecodeState:
         """One decode step for every row: pre-logits per cohort, one shared forward, processors,
         sampling and verification per cohort, one commit, accept per cohort, cache update."""
+        # Room for this step's slots (a fixed-width cache may compact its columns first).
+        self._make_room(1 + max((c.k_max for c in self.cohorts), default=0))
         st = self.state
         B, dev = st.batch_size, self.device
         for c in self.cohorts:
@@ -453,6 +469,7 @@ class Batch:
             before = st.finished
             _apply_rollback(st, rollback)
             st.finished = st.finished | (st.n_new >= self.max_new) | (before & (rollback == 0))
+            self._rolled_back(rollback)
             for c in self._accept_all():
                 c.view._rollback = None
         _trim(st)
@@ -479,7 +496,8 @@ class Batch:
         (a rollback only removes from the end). Reads only those columns; two host syncs."""
         st = self.state
         n_new = st.n_new.tolist()
-        lo = min([min(since.get(k, 0), n) for k, n in zip(self.keys, n_new)], default=0)
-        hi = max(n_new, default=0)
+        live = [(k, n) for k, n in zip(self.keys, n_new) if k is not None]
+        lo = min([min(since.get(k, 0), n) for k, n in live], default=0)
+        hi = max([n for _, n in live], default=0)
         part = st.out_tokens[:, lo:hi].tolist()
-        return {k: (lo, row[: n - lo]) for k, row, n in zip(self.keys, part, n_new)}
+        return {k: (lo, row[: n - lo]) for k, row, n in zip(self.keys, part, n_new) if k is not None}
