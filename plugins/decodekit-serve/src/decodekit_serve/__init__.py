@@ -35,10 +35,16 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"decodekit serve: warning: binding {args.host}: the server has no authentication", file=sys.stderr)
     model, tok = decodekit.load_model(args.model, dtype=args.dtype, device=args.device)
     model_id = args.model_id or (args.model or "SmolLM2-135M-Instruct")
-    app = create_app(model, tok, model_id=model_id, max_batch=args.max_batch)
+    if args.max_len is not None and args.max_len < 2:
+        raise DecodekitError(f"--max-len must be >= 2, got {args.max_len}")
+    app = create_app(model, tok, model_id=model_id, max_batch=args.max_batch, cache=args.cache, max_len=args.max_len,
+                     max_depth=args.max_depth)
+    sched = app.state.scheduler
+    cache = sched.cache if sched.cache == "dynamic" else (
+        f"static, {sched.max_len} slots per row, {sched.batch.cache.allocated_bytes() / 2**20:.0f} MiB KV")
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
-    print(f"decodekit serve: {model_id!r} on http://{host}:{port}/v1 (max batch {args.max_batch})", file=sys.stderr)
+    print(f"decodekit serve: {model_id!r} on http://{host}:{port}/v1 (max batch {args.max_batch}, {cache} cache)", file=sys.stderr)
     uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
     return 0
 
@@ -51,6 +57,13 @@ def decodekit_register_commands(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together; 1 serialises requests")
+    p.add_argument("--cache", choices=("auto", "dynamic", "static"), default="auto",
+                   help="KV cache of the batch: 'static' preallocates max_batch x max-len slots (fixed batch slots, "
+                   "no per-step concatenation); 'auto' (default): static on CUDA, dynamic on CPU")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="static cache: slots per row; prompt + max_tokens must fit (default: the context, at most 4096)")
+    p.add_argument("--max-depth", type=int, default=16,
+                   help="static cache, sliding-window models: proposals + rollback a step may write ahead (default 16)")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     p.add_argument("--device", default=None, help="cpu, cuda, auto")
     p.add_argument("--log-level", default="info")

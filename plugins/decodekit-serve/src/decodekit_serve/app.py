@@ -26,13 +26,39 @@ from decodekit_serve.scheduler import Job, Scheduler
 
 #: How often a non-streaming request checks whether its client is still there (seconds).
 DISCONNECT_POLL_S = 0.25
+#: Static cache slots per row when --max-len is not given (and the context is longer).
+DEFAULT_STATIC_LEN = 4096
 
 
-def create_app(model: Any, tokenizer: Any, *, model_id: str = "decodekit", max_batch: int = 16) -> FastAPI:
+def resolve_cache(cache: str, model: Any) -> str:
+    """``auto``: static on CUDA (no per-step concatenation, bounded memory reserved at start, a
+    fixed-shape step), dynamic elsewhere (on a CPU the static store only costs memory)."""
+    if cache not in ("auto", "dynamic", "static"):
+        raise DecodekitError(f"cache must be 'auto', 'dynamic' or 'static', got {cache!r}")
+    if cache == "auto":
+        return "static" if model.get_input_embeddings().weight.device.type == "cuda" else "dynamic"
+    return cache
+
+
+def proposals_of(strategy: Any) -> int:
+    drafter = strategy.resolved()[3]
+    return int(drafter.max_proposals()) if drafter is not None else 0
+
+
+def create_app(model: Any, tokenizer: Any, *, model_id: str = "decodekit", max_batch: int = 16, cache: str = "auto",
+               max_len: int | None = None, max_depth: int = 16) -> FastAPI:
     """An app serving ``model`` under the name ``model_id``; its scheduler thread starts and stops
-    with the app's lifespan (``app.state.scheduler``)."""
-    scheduler = Scheduler(model, tokenizer, max_batch=max_batch)
+    with the app's lifespan (``app.state.scheduler``).
+
+    ``cache``: ``"dynamic"`` (a growing KV cache), ``"static"`` (rows in fixed batch slots of a
+    preallocated ``[max_batch, H_kv, max_len, D]`` store per layer; ``max_len`` defaults to the
+    model's context, at most 4096) or ``"auto"`` (static on CUDA, dynamic elsewhere)."""
     ctx = context_length(model)
+    cache = resolve_cache(cache, model)
+    if cache == "static" and max_len is None:
+        max_len = min(ctx or DEFAULT_STATIC_LEN, DEFAULT_STATIC_LEN)
+    scheduler = Scheduler(model, tokenizer, max_batch=max_batch, cache=cache, max_len=max_len or DEFAULT_STATIC_LEN,
+                          max_depth=max_depth)
     cfg = model.config
     vocab = int(getattr(getattr(cfg, "get_text_config", lambda: cfg)(), "vocab_size", None) or len(tokenizer))
 
@@ -89,6 +115,17 @@ def create_app(model: Any, tokenizer: Any, *, model_id: str = "decodekit", max_b
             raise P.APIError(f"prompt ({len(ids)} tokens) + max_tokens ({max_new}) exceeds the model's context of {ctx}: "
                              f"use max_tokens <= {room}", param="max_tokens", code="context_length_exceeded")
         strategy = P.build_strategy(req, vocab)
+        if scheduler.cache == "static":
+            # The static cache has max_len slots per row: a default max_tokens shrinks to fit it,
+            # an explicit one that cannot fit is refused here, before any compute.
+            k = proposals_of(strategy)
+            if max_tokens is None:
+                max_new = max(1, min(max_new, scheduler.max_len - len(ids) - k))
+            try:
+                scheduler.check_fit(len(ids), max_new, strategy)
+            except DecodekitError as e:
+                param = "max_tokens" if len(ids) + 1 + k <= scheduler.max_len else ("messages" if isinstance(req, P.ChatRequest) else "prompt")
+                raise P.APIError(str(e), param=param, code="context_length_exceeded") from None
         return Job(prompt_ids=ids, strategy=strategy, max_new_tokens=max_new, seed=P.new_seed(req),
                    stops=req.stops() + list(strategy.stop))
 

@@ -4,7 +4,8 @@ Requests (:class:`Job`) are queued from the web server's event loop; between two
 scheduler admits queued jobs (up to ``max_batch`` rows), drops cancelled ones (their client hung up)
 and finished ones, which frees their KV-cache rows (:class:`decodekit.batching.Batch`). Each step's
 committed tokens are detokenised per job and handed back to the event loop as events.
-``max_batch=1`` serialises requests: the baseline the benchmark compares against.
+``max_batch=1`` serialises requests: the baseline the benchmark compares against. ``cache="static"``
+keeps the rows in fixed batch slots of one preallocated KV store (:mod:`decodekit_serve.static`).
 """
 
 from __future__ import annotations
@@ -67,11 +68,15 @@ class Job:
 class Scheduler:
     """Owns the model; runs :meth:`_loop` in a daemon thread."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 16) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 16, cache: str = "dynamic",
+                 max_len: int = 2048, max_depth: int = 16) -> None:
         if max_batch < 1:
             raise DecodekitError(f"max_batch must be >= 1, got {max_batch}")
+        if cache not in ("dynamic", "static"):
+            raise DecodekitError(f"cache must be 'dynamic' or 'static', got {cache!r}")
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
-        self.batch = Batch(model, tokenizer)
+        self.cache, self.max_len, self.max_depth = cache, max_len, max_depth
+        self.batch = self._new_batch()
         self.jobs: dict[int, Job] = {}          # jobs in the batch, by key
         self.pending: queue.Queue[Job] = queue.Queue()
         self.stats = {"steps": 0, "joined": 0, "finished": 0, "cancelled": 0, "failed": 0, "max_rows": 0}
@@ -95,6 +100,20 @@ class Scheduler:
     @property
     def rows(self) -> int:
         return len(self.batch)
+
+    def _new_batch(self) -> Batch:
+        if self.cache == "static":
+            from decodekit_serve.static import StaticBatch
+
+            return StaticBatch(self.model, self.tokenizer, max_batch=self.max_batch, max_len=self.max_len, max_depth=self.max_depth)
+        return Batch(self.model, self.tokenizer)
+
+    def check_fit(self, n_prompt: int, max_new_tokens: int, strategy: Strategy) -> None:
+        """Raise :class:`DecodekitError` if the request can never fit the batch's cache (static
+        only: a dynamic cache grows). Called by the server before queueing."""
+        check = getattr(self.batch, "check_fit", None)
+        if check is not None:
+            check(n_prompt, max_new_tokens, strategy)
 
     # ------------------------------------------------------------------ the thread
     def _loop(self) -> None:
@@ -150,7 +169,7 @@ class Scheduler:
     def _publish(self) -> None:
         """Detokenise what each row committed, send text deltas, and let finished rows leave."""
         b = self.batch
-        out = b.new_tokens({k: len(self.jobs[k].tokens) for k in b.keys})
+        out = b.new_tokens({k: len(self.jobs[k].tokens) for k in b.keys if k is not None})
         finished = dict(zip(b.keys, b.state.finished.tolist()))
         leave: list[int] = []
         now = time.perf_counter()
@@ -209,4 +228,5 @@ class Scheduler:
         for job in list(self.jobs.values()):
             self._finish(job, error=e)
         self.jobs.clear()
-        self.batch = Batch(self.model, self.tokenizer)
+        self.batch = None  # a static batch's store is freed before the new one is allocated
+        self.batch = self._new_batch()
