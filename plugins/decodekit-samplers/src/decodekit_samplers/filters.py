@@ -17,6 +17,7 @@ from decodekit import Processor
 from decodekit.state import DecodeState
 from decodekit import rng
 from decodekit_samplers._params import per_row, positions, row_float, row_int
+from decodekit_samplers._scan import vocab_cumsum
 
 NEG_INF = float("-inf")
 
@@ -44,7 +45,7 @@ def top_p(scores: torch.Tensor, p: torch.Tensor, min_keep: int = 1) -> torch.Ten
     """Nucleus sampling (Holtzman et al. 2020): drop the least likely tokens whose total mass is
     at most ``1 - p``."""
     sorted_logits, order = torch.sort(scores, descending=False)
-    cum = sorted_logits.softmax(-1).cumsum(-1)  # [B, T, V]
+    cum = vocab_cumsum(sorted_logits.softmax(-1))  # [B, T, V]; two levels, see _scan
     remove = cum <= (1 - p)
     remove[..., -min_keep:] = False
     return scores.masked_fill(remove.scatter(-1, order, remove), NEG_INF)
@@ -65,7 +66,7 @@ def typical(scores: torch.Tensor, mass: torch.Tensor, min_keep: int = 1) -> torc
     ent = -(logp * logp.exp()).nansum(-1, keepdim=True)
     shifted = (-logp - ent).abs()
     sorted_shift, order = torch.sort(shifted, descending=False)
-    cum = scores.gather(-1, order).softmax(-1).cumsum(-1)
+    cum = vocab_cumsum(scores.gather(-1, order).softmax(-1))  # two levels, see _scan
     last = (cum < mass).sum(-1, keepdim=True).clamp_(max=scores.shape[-1] - 1)
     remove = sorted_shift > sorted_shift.gather(-1, last)
     remove[..., :min_keep] = False
