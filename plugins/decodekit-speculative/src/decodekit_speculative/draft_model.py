@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 from decodekit.components import Drafter
 from decodekit.errors import DecodekitError
 from decodekit.state import DecodeState, Proposal
-from decodekit_speculative.drafting import AdaptiveExit, DraftNet, add_stats, check_vocab, draft
+from decodekit_speculative.drafting import AdaptiveExit, DraftNet, add_stats, check_vocab, draft, draft_fixed
 
 
 class AdaptiveFields(Drafter):
@@ -21,6 +21,14 @@ class AdaptiveFields(Drafter):
     alpha: float = Field(0.9, description="target acceptance rate")
     epsilon: float = 0.01
     beta2: float = 0.9
+    compile: bool | None = Field(
+        None,
+        description="draft through a preallocated KV store with compiled fixed-shape passes (decodekit-kvcache's "
+        "KVStore); None: when the target runs decodekit-kvcache's compiled StaticCache step (on CUDA by default)",
+    )
+    compile_backend: str | None = Field(
+        None, description="torch.compile backend of the draft passes; None: the StaticCache's ('eager' traces without codegen)"
+    )
 
     @field_validator("k", check_fields=False)
     @classmethod
@@ -43,9 +51,32 @@ class AdaptiveFields(Drafter):
         )
         self._updated = -1
 
-    def _report(self, state: DecodeState, net: DraftNet) -> None:
-        # Python ints: no host sync (the threshold mean syncs, but the adaptive exit syncs anyway).
+    def _make_net(self, state: DecodeState, model: Any, tag: str, **eager: Any) -> Any:
+        """The draft network: static and compiled (see :mod:`decodekit_speculative.static_draft`)
+        when ``compile`` says so or the target runs a compiled StaticCache, else eager with a
+        transformers cache."""
+        from decodekit_speculative.static_draft import StaticDraftNet, target_compiles
+
+        on, backend = target_compiles(state)
+        on = on if self.compile is None else self.compile
+        if not on:
+            return DraftNet(model, **eager)
+        return StaticDraftNet(model, state, self.k, backend=self.compile_backend or backend, compiled=True, tag=tag)
+
+    def _propose(self, state: DecodeState, **kwargs: Any) -> Proposal | None:
+        net = self._net
+        if isinstance(net, DraftNet):
+            proposal = draft(net, state, self.k, exit=self._exit, **kwargs)
+        else:
+            proposal = draft_fixed(net, state, self.k, exit=self._exit, **kwargs)
+        self._report(state, net)
+        return proposal
+
+    def _report(self, state: DecodeState, net: Any) -> None:
+        # Python ints: no host sync (the threshold mean syncs, so only with the adaptive exit, which syncs anyway).
         add_stats(state, draft_forward_passes=net.passes, target_forward_passes=state.forward_passes + 1)
+        if not isinstance(net, DraftNet):
+            add_stats(state, draft_compiled_passes=net.compiled_passes, draft_prefills=net.prefills, draft_warmup_s=net.warmup_s)
         if self._exit is not None:
             add_stats(state, draft_threshold=float(self._exit.th.mean()))
 
@@ -95,13 +126,13 @@ class DraftModel(AdaptiveFields):
     def setup(self, state: DecodeState) -> None:
         model = self._model()
         check_vocab(model, state, "DraftModel")
-        self._net = DraftNet(model)
+        from decodekit_speculative.static_draft import network_tag
+
+        self._net = self._make_net(state, model, network_tag(model))
         self._setup_exit(state)
 
     def pre_logits(self, state: DecodeState) -> Proposal | None:
-        proposal = draft(self._net, state, self.k, sample=self.sample, temperature=self.temperature, exit=self._exit)
-        self._report(state, self._net)
-        return proposal
+        return self._propose(state, sample=self.sample, temperature=self.temperature)
 
     def accept(self, state: DecodeState) -> None:
         self._update_exit(state)

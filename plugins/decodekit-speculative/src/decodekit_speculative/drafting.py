@@ -190,3 +190,49 @@ def check_vocab(draft_model: Any, state: DecodeState, who: str) -> None:
 
 def add_stats(state: DecodeState, **values: Any) -> None:
     state.extras.setdefault("stats", {}).update(values)
+
+
+def draft_fixed(
+    net: Any,
+    state: DecodeState,
+    k: int,
+    *,
+    sample: bool = False,
+    temperature: float = 1.0,
+    exit: AdaptiveExit | None = None,
+) -> Proposal:
+    """:func:`draft` on a :class:`~decodekit_speculative.static_draft.StaticDraftNet`: always ``k``
+    proposals wide (rows that stop early, or have no room, say so in ``lengths``), so the target's
+    verify width ``1 + k`` never changes and its compiled graph is reused. No host sync except the
+    adaptive exit's one per draft token (it is what saves draft passes)."""
+    B, dev = state.batch_size, state.device
+    room = (state.max_new_tokens - state.n_new - 1).clamp_min(0).masked_fill(state.finished, 0)  # [B]
+    active = room > 0                                                                          # [B]
+    tokens, qs = [], []
+    lengths = torch.zeros(B, dtype=torch.long, device=dev)
+    x = None
+    for i in range(k):
+        logits = (net.first(state) if i == 0 else net.next(state, x, i)).to(dev)  # [B, V]
+        if sample:
+            scaled = logits / temperature
+            x = rng.sample(scaled[:, None], state.seeds, (state.committed + i)[:, None], rng.DRAFT)[:, 0]  # [B]
+            q = torch.softmax(scaled, -1)                                                               # [B, V]
+            qs.append(q)
+        else:
+            x = logits.argmax(-1)
+            q = None
+        if exit is not None:
+            conf = (q if q is not None else torch.softmax(logits, -1)).amax(-1)
+            active = active & (conf >= exit.th)
+        active = active & (i < room)
+        lengths = lengths + active.long()
+        tokens.append(x)
+        if exit is not None and i < k - 1 and not bool(active.any()):
+            break
+    # pad to k: padded positions are never real (lengths), any finite q will do
+    tokens += [tokens[-1]] * (k - len(tokens))
+    probs = None
+    if sample:
+        qs += [qs[-1]] * (k - len(qs))
+        probs = torch.stack(qs, 1)                                  # [B, k, V]
+    return Proposal(tokens=torch.stack(tokens, 1), probs=probs, lengths=lengths)

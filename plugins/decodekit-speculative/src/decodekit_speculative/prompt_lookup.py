@@ -57,11 +57,18 @@ class PromptLookup(Drafter):
         ngram: longest trailing n-gram to match (tried first, down to ``min_ngram``).
         k: most tokens proposed per step.
         min_ngram: shortest n-gram to match.
+        fixed_width: propose exactly ``k`` tokens every step (rows without a match propose with
+            ``lengths`` 0): no host sync, and the target's verify width ``1 + k`` never changes,
+            so a compiled StaticCache step is traced once. ``False``: the width follows the
+            longest real proposal and a step where no row matched is a plain one-token step (one
+            host sync per step; cheaper where a wider forward costs more, i.e. on CPU).
+            ``None`` (default): fixed on CUDA.
     """
 
     ngram: int = 3
     k: int = 10
     min_ngram: int = 1
+    fixed_width: bool | None = None
 
     @field_validator("ngram", "k", "min_ngram")
     @classmethod
@@ -83,12 +90,15 @@ class PromptLookup(Drafter):
         for r, p in enumerate(state.prompt_ids):
             self._hist[r, : len(p)] = torch.tensor(p, dtype=torch.long)
         self._len = state.prompt_lengths.clone().to(dev)
+        self._fixed = dev.type == "cuda" if self.fixed_width is None else self.fixed_width
 
     def pre_logits(self, state: DecodeState) -> Proposal | None:
         W = self._hist.shape[1] - 1
         tokens, n = find_continuations(self._hist[:, :W], self._len, self.ngram, self.min_ngram, self.k)
         room = (state.max_new_tokens - state.n_new - 1).clamp_min(0)
         n = torch.minimum(n, room).masked_fill(state.finished, 0)
+        if self._fixed:
+            return Proposal(tokens=tokens, probs=None, lengths=n)
         # One host sync: a step whose rows found nothing runs as a plain T=1 step, and the forward
         # width follows the longest real proposal instead of always k.
         width = int(n.max())

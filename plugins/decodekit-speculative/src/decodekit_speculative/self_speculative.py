@@ -1,10 +1,14 @@
 """Self-speculative decoding by sublayer skipping: Draft & Verify (Zhang et al. 2023, arXiv 2309.08168).
 
-The target drafts for itself with some attention and MLP sublayers bypassed. Nothing is copied: the
-bypass replaces the chosen sublayers' ``forward`` on the *instance* only for the duration of a draft
-pass (``del module.forward`` restores the class's), so the target's own forward, its parameters and
-its ``state_dict`` never change. A pre-norm residual block ``h + f(norm(h))`` with ``f`` returning
-zeros is exactly ``h``: the sublayer is skipped (Gemma 3's post-sublayer norm maps zeros to zeros).
+The target drafts for itself with some attention and MLP sublayers bypassed. Nothing is copied:
+the draft is a *view* of the target (:func:`skipped_view`), a second module tree made of shallow
+module copies that share every parameter, in which the skipped sublayers are replaced by modules
+returning zeros. A pre-norm residual block ``h + f(norm(h))`` with ``f`` returning zeros is exactly
+``h``: the sublayer is skipped (Gemma 3's post-sublayer norm maps zeros to zeros). The target's
+forward, its parameters and its ``state_dict`` never change, nothing is patched while it runs, and
+torch.compile traces the view like any module: one compiled draft graph per skip set.
+(:func:`skipping` patches instance forwards for the duration of a ``with`` block instead: kept as
+a utility, and as the oracle the view is tested against.)
 
 KV cache: the draft sub-network has its own cache (:class:`~decodekit_speculative.drafting.DraftKV`)
 mirroring the target's slot buffer, so the target's cache is never written by a draft pass whatever
@@ -16,7 +20,9 @@ another plugin's private state, so decodekit pays a draft prefill (with the skip
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import weakref
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,7 +32,7 @@ from pydantic import model_validator
 from decodekit.errors import DecodekitError
 from decodekit.state import DecodeState, Proposal
 from decodekit_speculative.draft_model import AdaptiveFields
-from decodekit_speculative.drafting import DraftNet, draft
+from decodekit_speculative.static_draft import network_tag
 
 
 def decoder_layers(model: Any) -> Any:
@@ -70,26 +76,67 @@ def skipping(model: Any, attention: tuple[int, ...] | list[int], mlp: tuple[int,
             del module.forward  # the class's forward is visible again
 
 
-class _SkippingModel:
-    """Calls the target with the skip set active; what :class:`DraftNet` drives."""
+class _SkipAttention(torch.nn.Module):
+    """Stands in for a skipped attention sublayer: outputs zeros (no keys are cached for it)."""
 
-    def __init__(self, model: Any, attention: tuple[int, ...], mlp: tuple[int, ...]) -> None:
-        self.model, self.attention, self.mlp = model, attention, mlp
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        return torch.zeros_like(hidden_states), None
 
-    def get_input_embeddings(self) -> Any:
-        return self.model.get_input_embeddings()
 
-    @property
-    def config(self) -> Any:
-        return self.model.config
+class _SkipMLP(torch.nn.Module):
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.dtype
 
-    def __call__(self, **kwargs: Any) -> Any:
-        with skipping(self.model, self.attention, self.mlp):
-            return self.model(**kwargs)
+def _shell(module: torch.nn.Module, children: dict[str, torch.nn.Module]) -> torch.nn.Module:
+    """A shallow copy of ``module`` (same parameters, buffers, config) with some children replaced."""
+    new = copy.copy(module)
+    new._modules = {**module._modules, **children}  # copy.copy shares the dict: replace it, never edit it
+    return new
+
+
+def skipped_view(model: Any, attention: tuple[int, ...], mlp: tuple[int, ...]) -> Any:
+    """The target with the given sublayers skipped, as its own module tree that shares every
+    parameter (nothing is copied but a few module shells): a plain nn.Module that torch.compile
+    traces as one graph per skip set, with no patching of the target while it runs. Cached per
+    (model, skip set), so later generations reuse the compiled graphs."""
+    per_model = _VIEWS.setdefault(model, {})
+    key = (attention, mlp)
+    view = per_model.get(key)
+    if view is not None:
+        return view
+    layers = decoder_layers(model)
+    new_layers = []
+    for i, layer in enumerate(layers):
+        children = {}
+        if i in attention:
+            children["self_attn"] = _SkipAttention()
+        if i in mlp:
+            children["mlp"] = _SkipMLP()
+        new_layers.append(_shell(layer, children) if children else layer)
+    new_list = torch.nn.ModuleList(new_layers)
+    # rebuild the path from the model down to the layer list
+    path = _path_to(model, layers)
+    view = _rebuild(model, path, new_list)
+    per_model[key] = view
+    return view
+
+
+_VIEWS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _path_to(root: torch.nn.Module, target: torch.nn.Module) -> list[str]:
+    for name, module in root.named_modules():
+        if module is target:
+            return name.split(".") if name else []
+    raise DecodekitError(f"SelfSpeculative: the decoder layers are not a submodule of {type(root).__name__}")
+
+
+def _rebuild(module: torch.nn.Module, path: list[str], leaf: torch.nn.Module) -> torch.nn.Module:
+    if not path:
+        return leaf
+    head, rest = path[0], path[1:]
+    return _shell(module, {head: _rebuild(module._modules[head], rest, leaf)})
 
 
 class SelfSpeculative(AdaptiveFields):
@@ -101,6 +148,8 @@ class SelfSpeculative(AdaptiveFields):
         skip_file: a JSON file written by ``decodekit search-skip`` (fills the two lists).
         k: most tokens drafted per step.
         adaptive, threshold, beta1, alpha, epsilon, beta2: the adaptive draft exit (on by default).
+        compile, compile_backend: draft through a static KV store with compiled passes (one graph
+            per skip set; default: when the target runs a compiled StaticCache).
     """
 
     skip_attention: list[int] = []
@@ -138,13 +187,13 @@ class SelfSpeculative(AdaptiveFields):
             if bad:
                 raise DecodekitError(f"SelfSpeculative.{name} holds layer indices {bad}; the model has {n} layers (0..{n - 1})")
         attention, mlp = tuple(sorted(set(self.skip_attention))), tuple(sorted(set(self.skip_mlp)))
-        self._net = DraftNet(_SkippingModel(state.model, attention, mlp), frozenset(attention), n)
+        view = skipped_view(state.model, attention, mlp)
+        tag = network_tag(state.model, f"_a{'-'.join(map(str, attention))}_m{'-'.join(map(str, mlp))}")
+        self._net = self._make_net(state, view, tag, skipped_attention=frozenset(attention), n_layers=n)
         self._setup_exit(state)
 
     def pre_logits(self, state: DecodeState) -> Proposal | None:
-        proposal = draft(self._net, state, self.k, exit=self._exit)
-        self._report(state, self._net)
-        return proposal
+        return self._propose(state)
 
     def accept(self, state: DecodeState) -> None:
         self._update_exit(state)
