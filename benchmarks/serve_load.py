@@ -1,9 +1,11 @@
-"""Load test for ``decodekit serve``: requests/s, tokens/s and time to first token at 1, 4 and 16
-concurrent streaming clients, against a continuously batching server and one that serialises
-requests (``max_batch=1``), with the ratio. Prints a markdown table.
+"""Load test for ``decodekit serve``: requests/s, tokens/s and time to first token (p50, p90) at 1,
+4 and 16 concurrent streaming clients, against a continuously batching server and one that
+serialises requests (``max_batch=1``), with the ratio; with the dynamic and/or the static KV cache.
+Prints markdown tables.
 
-    python benchmarks/serve_load.py                                  # embedded model, CPU
-    python benchmarks/serve_load.py --device cuda --dtype bfloat16   # GPU
+    python benchmarks/serve_load.py                                  # embedded model, CPU, both caches
+    python benchmarks/serve_load.py --device cuda --dtype bfloat16   # GPU, both caches
+    python benchmarks/serve_load.py --cache static --device cuda --dtype bfloat16
     python benchmarks/serve_load.py --tiny --clients 1,4 --requests 2 --max-tokens 8   # quick check
 
 Every client sends ``--requests`` streaming chat requests one after another (greedy,
@@ -21,6 +23,7 @@ import sys
 import time
 
 import httpx
+import torch
 
 import decodekit
 from decodekit_serve import create_app, running
@@ -62,7 +65,17 @@ def load(url: str, model_id: str, clients: int, requests: int, max_tokens: int) 
     wall = time.perf_counter() - t0
     ttft = sorted(r["ttft"] for r in out)
     return {"req_s": len(out) / wall, "tok_s": sum(r["tokens"] for r in out) / wall,
-            "ttft_p50": statistics.median(ttft), "ttft_max": ttft[-1], "wall": wall, "n": len(out)}
+            "ttft_p50": statistics.median(ttft), "ttft_p90": quantile(ttft, 0.9), "wall": wall, "n": len(out)}
+
+
+def quantile(xs: list[float], q: float) -> float:
+    """Linear interpolation between order statistics (numpy's default), on sorted ``xs``."""
+    if len(xs) == 1:
+        return xs[0]
+    i = q * (len(xs) - 1)
+    lo = int(i)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (i - lo)
 
 
 def main() -> None:
@@ -75,7 +88,16 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--cache", default="dynamic,static", help="dynamic, static, or both comma-separated (default both)")
+    ap.add_argument("--max-len", type=int, default=1024, help="static cache slots per row (default 1024)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    caches = [c.strip() for c in args.cache.split(",")]
+    bad = [c for c in caches if c not in ("dynamic", "static")]
+    if bad:
+        ap.error(f"--cache: {bad[0]!r} is not 'dynamic' or 'static'")
     if args.tiny:
         from decodekit.testing import tiny_model, tiny_tokenizer
 
@@ -87,29 +109,38 @@ def main() -> None:
     device = next(model.parameters()).device
     print(f"model: {'tiny random llama' if args.tiny else args.model or 'SmolLM2-135M-Instruct'}, device {device}, "
           f"dtype {next(model.parameters()).dtype}, {args.requests} streaming chat requests per client, "
-          f"{args.max_tokens} tokens each (greedy, EOS ignored)\n")
+          f"{args.max_tokens} tokens each (greedy, EOS ignored), threads {torch.get_num_threads()}\n")
     rows = []
     for clients in [int(c) for c in args.clients.split(",")]:
-        res = {}
-        for name, max_batch in (("batched", args.max_batch), ("serial", 1)):
-            app = create_app(model, tok, model_id="m", max_batch=max_batch)
-            with running(app) as url:
-                load(url, "m", 1, 1, 4)  # warm-up (first forward, allocator)
-                res[name] = load(url, "m", clients, args.requests, args.max_tokens)
-            print(f"  done: {clients} clients, {name}: {res[name]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
-        rows.append((clients, res))
-    print("| clients | server | requests/s | tokens/s | TTFT p50 (s) | TTFT max (s) | wall (s) |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
-    for clients, res in rows:
+        for cache in caches:
+            res = {}
+            for name, max_batch in (("batched", args.max_batch), ("serial", 1)):
+                app = create_app(model, tok, model_id="m", max_batch=max_batch, cache=cache, max_len=args.max_len)
+                with running(app) as url:
+                    load(url, "m", 1, 1, 4)  # warm-up (first forward, allocator)
+                    res[name] = load(url, "m", clients, args.requests, args.max_tokens)
+                del app
+                print(f"  done: {clients} clients, {cache} cache, {name}: {res[name]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+            rows.append((clients, cache, res))
+    print("| clients | cache | server | requests/s | tokens/s | TTFT p50 (s) | TTFT p90 (s) | wall (s) |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|")
+    for clients, cache, res in rows:
         for name in ("batched", "serial"):
             r = res[name]
             label = f"continuous batch (max {args.max_batch})" if name == "batched" else "serialised (max 1)"
-            print(f"| {clients} | {label} | {r['req_s']:.2f} | {r['tok_s']:.1f} | {r['ttft_p50']:.3f} | {r['ttft_max']:.3f} | {r['wall']:.1f} |")
-    print("\n| clients | tokens/s batched / serialised | TTFT p50 serialised / batched |")
-    print("|---:|---:|---:|")
-    for clients, res in rows:
+            print(f"| {clients} | {cache} | {label} | {r['req_s']:.2f} | {r['tok_s']:.1f} | {r['ttft_p50']:.3f} | {r['ttft_p90']:.3f} | {r['wall']:.1f} |")
+    print("\n| clients | cache | tokens/s batched / serialised | TTFT p50 serialised / batched |")
+    print("|---:|---|---:|---:|")
+    for clients, cache, res in rows:
         b, s = res["batched"], res["serial"]
-        print(f"| {clients} | {b['tok_s'] / s['tok_s']:.2f}x | {s['ttft_p50'] / b['ttft_p50']:.2f}x |")
+        print(f"| {clients} | {cache} | {b['tok_s'] / s['tok_s']:.2f}x | {s['ttft_p50'] / b['ttft_p50']:.2f}x |")
+    if len(caches) > 1:
+        print("\n| clients | tokens/s static / dynamic (batched) | TTFT p50 dynamic / static (batched) |")
+        print("|---:|---:|---:|")
+        by = {(c, k): r for c, k, r in rows}
+        for clients in dict.fromkeys(c for c, _, _ in rows):
+            st, dy = by[(clients, "static")]["batched"], by[(clients, "dynamic")]["batched"]
+            print(f"| {clients} | {st['tok_s'] / dy['tok_s']:.2f}x | {dy['ttft_p50'] / st['ttft_p50']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -158,3 +158,25 @@ def test_serve_static_memory_is_preallocated_and_requests_that_cannot_fit_are_re
         with pytest.raises(DecodekitError, match="batch slots are free"):
             b.join([RowSpec(i, tok("a")["input_ids"], Strategy(), 3, 0) for i in range(3)])
         assert b.keys.count(None) == 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_serve_static_rollback_rows_match_solo_generate(arch):
+    """BannedWords in rollback mode un-commits tokens (request_rollback) next to a greedy row:
+    the static batch (rings on gemma3) decodes what a solo generate with a deep enough cache does."""
+    _need("BannedWords")
+    model, tok = tiny_model(arch), tiny_tokenizer()
+    plain = decodekit.generate(model, tok, "the cat and", Strategy(), max_new_tokens=14).texts[0]
+    word = plain.strip()[:3]  # a piece of what greedy writes: the ban must roll it back
+    banned = [{"name": "BannedWords", "words": [word], "mode": "rollback"}]
+    d = Driver(model, tok, max_batch=3, max_len=40, max_depth=16)
+    with torch.inference_mode():
+        d.join([RowSpec("g", tok("hello there")["input_ids"], Strategy(), 14, 0)])
+        d.step(2)
+        d.join([RowSpec("b", tok("the cat and")["input_ids"], Strategy.from_dict({"processors": banned}), 14, 0)])
+        d.drain()
+    solo = decodekit.generate(model, tok, "the cat and", {"cache": {"name": "DynamicCache", "max_rollback": 16}, "processors": banned},
+                              max_new_tokens=14)
+    assert solo.texts[0] != plain and word not in solo.texts[0]  # the ban really acted
+    assert d.got["b"] == solo.token_ids[0]
+    assert d.got["g"] == hf_greedy(model, tok, "hello there", 14)

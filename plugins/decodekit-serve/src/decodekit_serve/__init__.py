@@ -61,7 +61,7 @@ def decodekit_register_commands(subparsers) -> None:
                    help="KV cache of the batch: 'static' preallocates max_batch x max-len slots (fixed batch slots, "
                    "no per-step concatenation); 'auto' (default): static on CUDA, dynamic on CPU")
     p.add_argument("--max-len", type=int, default=None,
-                   help="static cache: slots per row; prompt + max_tokens must fit (default: the context, at most 4096)")
+                   help="static cache: slots per row; prompt + max_tokens must fit (default: the context, at most 2048)")
     p.add_argument("--max-depth", type=int, default=16,
                    help="static cache, sliding-window models: proposals + rollback a step may write ahead (default 16)")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")

@@ -27,7 +27,7 @@ from decodekit_serve.scheduler import Job, Scheduler
 #: How often a non-streaming request checks whether its client is still there (seconds).
 DISCONNECT_POLL_S = 0.25
 #: Static cache slots per row when --max-len is not given (and the context is longer).
-DEFAULT_STATIC_LEN = 4096
+DEFAULT_STATIC_LEN = 2048
 
 
 def resolve_cache(cache: str, model: Any) -> str:
@@ -52,7 +52,7 @@ def create_app(model: Any, tokenizer: Any, *, model_id: str = "decodekit", max_b
 
     ``cache``: ``"dynamic"`` (a growing KV cache), ``"static"`` (rows in fixed batch slots of a
     preallocated ``[max_batch, H_kv, max_len, D]`` store per layer; ``max_len`` defaults to the
-    model's context, at most 4096) or ``"auto"`` (static on CUDA, dynamic elsewhere)."""
+    model's context, at most 2048) or ``"auto"`` (static on CUDA, dynamic elsewhere)."""
     ctx = context_length(model)
     cache = resolve_cache(cache, model)
     if cache == "static" and max_len is None:
