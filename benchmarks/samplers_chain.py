@@ -3,9 +3,11 @@ multinomial, per step and in generation, against plain greedy.
 
     python benchmarks/samplers_chain.py                                   # CPU, fp32, [1, 49152]
     python benchmarks/samplers_chain.py --device cuda --dtype bfloat16 --batch 64
+    python benchmarks/samplers_chain.py --compile --skip-generate                # CPU, compiled chain too
 
 Prints markdown tables. Part 1 times one step of the chain on random logits [B, V] (decodekit's
-processors vs transformers' LogitsProcessorList + torch.multinomial); part 2 generates with the
+processors eager, and on CUDA (or with --compile) compiled as one graph, vs transformers'
+LogitsProcessorList + torch.multinomial); part 2 generates with the
 embedded SmolLM2-135M (greedy vs the chain; the installed default cache, or --cache).
 """
 
@@ -57,7 +59,7 @@ def fake_state(B: int, V: int, history: int, device: torch.device) -> DecodeStat
     return st
 
 
-def bench_step(B: int, V: int, dtype: torch.dtype, device: torch.device, repeat: int) -> list[tuple[str, float]]:
+def bench_step(B: int, V: int, dtype: torch.dtype, device: torch.device, repeat: int, compiled: bool) -> list[tuple[str, float]]:
     from transformers.generation import logits_process as hf
 
     logits = (torch.randn(B, V, device=device) * 3).to(dtype)
@@ -67,11 +69,14 @@ def bench_step(B: int, V: int, dtype: torch.dtype, device: torch.device, repeat:
         p.setup(state)
     sampler = S.Multinomial()
 
-    def ours() -> torch.Tensor:
-        state.scores = logits[:, None].float()  # the loop hands processors float32 scores
+    def chain_step(x: torch.Tensor) -> torch.Tensor:
+        state.scores = x[:, None].float()  # the loop hands processors float32 scores
         for p in procs:
             state.scores = p.process_logits(state)
         return sampler.sample(state)[0]
+
+    def ours() -> torch.Tensor:
+        return chain_step(logits)
 
     ids = torch.tensor(state.prompt_ids, device=device)
     hf_chain = hf.LogitsProcessorList([
@@ -86,11 +91,28 @@ def bench_step(B: int, V: int, dtype: torch.dtype, device: torch.device, repeat:
     def greedy() -> torch.Tensor:
         return logits.float().argmax(-1)
 
-    return [
+    rows = [
         ("greedy argmax", timed(greedy, device, repeat)),
         ("decodekit chain + Multinomial", timed(ours, device, repeat)),
-        ("transformers LogitsProcessorList + torch.multinomial", timed(theirs, device, repeat)),
     ]
+    if compiled:
+        # The chain as StaticCache runs it inside the decode step: one torch.compile graph, on
+        # CUDA replayed as a CUDA graph ("reduce-overhead"), so ~40 eager launches become one replay.
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        step = torch.compile(chain_step, fullgraph=True, dynamic=False, mode=mode)
+
+        def ours_compiled() -> torch.Tensor:
+            torch.compiler.cudagraph_mark_step_begin()  # outputs of the previous replay are dead
+            return step(logits)
+
+        t0 = time.perf_counter()
+        first = ours_compiled()
+        sync(device)
+        print(f"(compiled chain: first call {time.perf_counter() - t0:.1f} s; same tokens as eager: "
+              f"{torch.equal(first, ours())})")
+        rows.append((f"decodekit chain + Multinomial, torch.compile({mode or 'default'})", timed(ours_compiled, device, repeat)))
+    rows.append(("transformers LogitsProcessorList + torch.multinomial", timed(theirs, device, repeat)))
+    return rows
 
 
 def bench_generate(args, device: torch.device) -> list[tuple[str, float, float]]:
@@ -120,6 +142,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--cache", default=None, help="cache component, e.g. StaticCache (default: the installed default)")
     ap.add_argument("--skip-generate", action="store_true")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="also time the chain compiled as one graph (default: on CUDA only)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 gives stable figures on a shared box)")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -130,7 +154,8 @@ def main() -> None:
 
     print(f"\n### One sampling step, logits [{args.batch}, {args.vocab}] {args.dtype} on {device} (median of {args.repeat})\n")
     print("| what | ms / step |\n|---|---:|")
-    for name, ms in bench_step(args.batch, args.vocab, dtype, device, args.repeat):
+    compiled = device.type == "cuda" if args.compile is None else args.compile
+    for name, ms in bench_step(args.batch, args.vocab, dtype, device, args.repeat, compiled):
         print(f"| {name} | {ms:.3f} |")
 
     if not args.skip_generate:

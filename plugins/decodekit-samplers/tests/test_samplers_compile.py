@@ -15,7 +15,7 @@ import decodekit
 import decodekit_samplers as S
 from decodekit.state import DecodeState
 from decodekit_samplers import filters as F
-from decodekit_samplers._scan import NO_SPLIT_MAX, SCAN_CHUNK, vocab_cumsum
+from decodekit_samplers._scan import NO_SPLIT_MAX, SCAN_CHUNK, two_level_cumsum, vocab_cumsum
 
 
 def logits_with_ties(B: int, V: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -38,27 +38,45 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 # ------------------------------------------------------------------------------ the two-level scan
 @pytest.mark.parametrize("V", [1, 5, SCAN_CHUNK - 1, SCAN_CHUNK, SCAN_CHUNK + 1, 3001, 49152])
-def test_vocab_cumsum_equals_aten_cumsum(V):
+def test_two_level_cumsum_equals_aten_cumsum(V):
     # ATen's CPU cumsum of float32 accumulates in double; the two-level scan accumulates in
     # float64 too, so the rounded results must be identical, not just close.
     g = torch.Generator().manual_seed(V)
     x = torch.randn(3, 2, V, generator=g).softmax(-1)
     x[0, 1] = float("nan")  # a NaN row (softmax of all -inf) stays NaN
-    assert same(vocab_cumsum(x), x.cumsum(-1))
+    assert same(two_level_cumsum(x), x.cumsum(-1))
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 64])
-def test_vocab_cumsum_any_chunk_length(chunk):
+def test_two_level_cumsum_any_chunk_length(chunk):
     """Vocabulary sizes that do not divide into chunks: the zero padding never leaks."""
     g = torch.Generator().manual_seed(chunk)
     x = torch.rand(4, 300, generator=g)
     x[1, 150] = float("nan")  # a NaN mid-row poisons exactly the prefixes after it, as in ATen
-    assert same(vocab_cumsum(x, chunk), x.cumsum(-1))
+    assert same(two_level_cumsum(x, chunk), x.cumsum(-1))
 
 
-def test_vocab_cumsum_refuses_too_many_chunks():
+def test_two_level_cumsum_refuses_too_many_chunks():
     with pytest.raises(ValueError, match=r"raise chunk so V / chunk <= 8192"):
-        vocab_cumsum(torch.zeros(1, 8193 * 2), chunk=2)
+        two_level_cumsum(torch.zeros(1, 8193 * 2), chunk=2)
+
+
+def test_vocab_cumsum_uses_two_levels_when_compiled():
+    """Eager CPU takes ATen's cumsum (identical, faster); a compiled graph gets the two levels."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = torch.rand(2, 3000).softmax(-1)
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(n.args[0].meta["example_value"].shape[-1] for n in gm.graph.nodes if "cumsum" in str(n.target))
+        return gm
+
+    torch._dynamo.reset()
+    assert same(torch.compile(vocab_cumsum, backend=backend, fullgraph=True)(x), x.cumsum(-1))
+    assert seen and max(seen) <= SCAN_CHUNK
+    eager = make_fx(lambda v: vocab_cumsum(v))(x).graph
+    assert [n.args[0].meta["val"].shape[-1] for n in eager.nodes if "cumsum" in str(n.target)] == [3000]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -102,12 +120,16 @@ def every_component():
             S.XTC(probability=1.0), S.Mirostat()]
 
 
-def _runner(comp, state: DecodeState, is_sampler: bool):
-    """scores [B, T, V] -> the component's output, as one function of one tensor."""
+def _runner(comps: list, state: DecodeState):
+    """scores [B, T, V] -> every processor in turn, then the sampler's tokens: one function of one
+    tensor (compiled whole, so any graph break anywhere fails ``fullgraph=True``)."""
+    *procs, sampler = comps
 
-    def run(x: torch.Tensor) -> torch.Tensor:
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         state.scores = x
-        return comp.sample(state)[0] if is_sampler else comp.process_logits(state)
+        for p in procs:
+            state.scores = p.process_logits(state)
+        return state.scores, sampler.sample(state)[0]
 
     return run
 
@@ -117,31 +139,43 @@ SCANS = ("cumsum", "cumprod", "logcumsumexp", "cummax", "cummin")
 
 @pytest.mark.parametrize("T", [1, 3], ids=["plain", "verify3"])
 def test_every_component_is_one_graph_without_long_scans(T):
-    """Each processor and Multinomial, at SmolLM2's vocabulary (plain step and a 3-position
-    verify): dynamo captures it whole (``fullgraph=True`` raises on any graph break, data-dependent
-    shape or host sync) with the eager result, and the ops Inductor lowers (its own decompositions)
-    hold no scan longer than Inductor keeps in one program."""
+    """Every processor in a row, then Multinomial, at SmolLM2's vocabulary (plain step and a
+    3-position verify): dynamo captures it whole (``fullgraph=True`` raises on any graph break, data-dependent
+    shape or host sync) with the eager result, and the aten graph Inductor would lower (after its
+    own decompositions; traced as compiled code, where ``vocab_cumsum`` takes two levels) holds no
+    scan longer than Inductor keeps in one program."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
     from torch._inductor.decomposition import select_decomp_table
-    from torch.fx.experimental.proxy_tensor import make_fx
 
     V = 49152
-    comps = every_component()
-    sampler = S.Multinomial()
-    for comp in comps + [sampler]:
-        state = _state(2, T, V)
-        comp.setup(state)
-        scores = state.scores
+    comps = every_component() + [S.Multinomial()]
+    state = _state(2, T, V)
+    for c in comps:
+        c.setup(state)
+    run = _runner(comps, state)
+    scores = state.scores.clone()
+    want = run(scores.clone())
+    torch._dynamo.reset()
+    got = torch.compile(run, fullgraph=True, backend="eager")(scores.clone())
+    assert same(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.isfinite(want[0]).sum(-1).min() >= 1  # the chain leaves something to sample
 
-        run = _runner(comp, state, comp is sampler)
-        want = run(scores.clone())
-        torch._dynamo.reset()
-        got = torch.compile(run, fullgraph=True, backend="eager")(scores.clone())
-        assert same(got, want), type(comp).__name__
-        graph = make_fx(run, decomposition_table=select_decomp_table())(scores.clone()).graph
-        for node in graph.nodes:
-            if node.op == "call_function" and any(s in str(node.target) for s in SCANS):
-                shape, dim = node.args[0].meta["val"].shape, node.args[1]
-                assert shape[dim] <= NO_SPLIT_MAX, (type(comp).__name__, str(node.target), tuple(shape), dim)
+    graphs = []
+
+    def keep(gm, inputs):
+        graphs.append(gm.graph)
+        return make_boxed_func(gm.forward)
+
+    # Inductor's decompositions may round differently (softmax as exp / sum): shapes only.
+    torch._dynamo.reset()
+    torch.compile(run, fullgraph=True, backend=aot_autograd(fw_compiler=keep, decompositions=select_decomp_table()))(scores.clone())
+    assert len(graphs) == 1
+    scans = [n for n in graphs[0].nodes if n.op == "call_function" and any(s in str(n.target) for s in SCANS)]
+    assert scans  # top-p, typical, DRY scan: the check below is not vacuous
+    for node in scans:
+        shape, dim = node.args[0].meta["val"].shape, node.args[1]
+        assert shape[dim] <= NO_SPLIT_MAX, (str(node.target), tuple(shape), dim)
 
 
 # ------------------------------------------------------------------------------ Inductor, whole generation

@@ -35,19 +35,29 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def vocab_cumsum(x: torch.Tensor, chunk: int = SCAN_CHUNK) -> torch.Tensor:
-    """``x.cumsum(-1)`` (float) as a two-level scan: no scan longer than ``max(chunk, V / chunk)``.
+    """``x.cumsum(-1)`` that Inductor never turns into a split scan.
+
+    Eager on CPU this *is* ``x.cumsum(-1)`` (ATen's, bit-identical to the two-level scan and ~7x
+    faster there); everywhere else, and whenever it is being compiled, :func:`two_level_cumsum`.
 
     Args:
         x: ``[..., V]`` float tensor (probabilities over the vocabulary).
     Returns ``[..., V]`` in ``x.dtype``.
     """
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return x.cumsum(-1)
+    return two_level_cumsum(x, chunk)
+
+
+def two_level_cumsum(x: torch.Tensor, chunk: int = SCAN_CHUNK) -> torch.Tensor:
+    """The two-level scan: no scan longer than ``max(chunk, ceil(V / chunk))``."""
     V = x.shape[-1]
     acc = _acc_dtype(x)
     if V <= chunk:  # one chunk: a short scan already
         return x.to(acc).cumsum(-1).to(x.dtype)
     C = -(-V // chunk)
     if C > NO_SPLIT_MAX:
-        raise ValueError(f"vocab_cumsum: a vocabulary of {V} needs {C} chunks of {chunk}; raise chunk so V / chunk <= {NO_SPLIT_MAX}")
+        raise ValueError(f"two_level_cumsum: a vocabulary of {V} needs {C} chunks of {chunk}; raise chunk so V / chunk <= {NO_SPLIT_MAX}")
     y = torch.nn.functional.pad(x.to(acc), (0, C * chunk - V)).unflatten(-1, (C, chunk))  # [..., C, chunk]
     inner = y.cumsum(-1)                                                                   # [..., C, chunk]
     totals = inner[..., -1]                                                                # [..., C]

@@ -55,8 +55,10 @@ def min_p(scores: torch.Tensor, p: torch.Tensor, min_keep: int = 1) -> torch.Ten
     """Keep tokens with probability >= p * p_max (Nguyen et al. 2024, arXiv 2407.01082)."""
     probs = scores.softmax(-1)
     remove = probs < p * probs.amax(-1, keepdim=True)
-    keep = torch.topk(probs, min(min_keep, probs.shape[-1]), dim=-1).indices
-    return scores.masked_fill(remove.scatter(-1, keep, False), NEG_INF)
+    if min_keep > 1:  # with one, the top token already survives (p <= 1): skip a topk kernel
+        keep = torch.topk(probs, min(min_keep, probs.shape[-1]), dim=-1).indices
+        remove = remove.scatter(-1, keep, False)
+    return scores.masked_fill(remove, NEG_INF)
 
 
 def typical(scores: torch.Tensor, mass: torch.Tensor, min_keep: int = 1) -> torch.Tensor:
@@ -76,6 +78,8 @@ def typical(scores: torch.Tensor, mass: torch.Tensor, min_keep: int = 1) -> torc
 
 
 def _keep_top(remove: torch.Tensor, scores: torch.Tensor, min_keep: int) -> torch.Tensor:
+    if min_keep == 1:  # the same value without a topk kernel (Inductor fuses amax)
+        return remove & (scores < scores.amax(-1, keepdim=True))
     kth = torch.topk(scores, min(min_keep, scores.shape[-1])).values[..., -1:]
     return remove & (scores < kth)
 
