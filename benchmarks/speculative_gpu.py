@@ -1,0 +1,210 @@
+"""Speculative decoding on the static, compiled path (issue #6): plain greedy vs PromptLookup vs
+SelfSpeculative (vs DraftModel when a smaller same-vocabulary model is given), batch 1 and 8, target
+on decodekit-kvcache's StaticCache with its compiled decode step, drafts on compiled static passes.
+Prints one markdown table: tok/s, ratio to plain greedy, acceptance rate, mean accepted length,
+warm-up seconds (first generation's compile + capture), graphs traced, identical output.
+
+GPU (bf16, the embedded SmolLM2-135M or DECODEKIT_DEFAULT_GGUF; ~4 minutes, mostly compiling):
+    python benchmarks/speculative_gpu.py --device cuda --dtype bfloat16
+    python benchmarks/speculative_gpu.py --device cuda --dtype bfloat16 --skip-file skip.json
+CPU check with tiny sizes (dynamo traces every graph, no code generation):
+    python benchmarks/speculative_gpu.py --compile-backend eager --batch 1,2 --max-new-tokens 24 --repeat 1
+
+Widths: lookup k=7 and self-speculative k=7 make the verify width 1+k = 8, a power of two, so the
+target's compiled graph per batch size is shared by both drafters (StaticCache buckets widths to
+powers of two; k=10 would verify 16 positions for 11 real ones). Without --skip-file the skip set
+comes from a quick search: teacher-forced top-1 agreement of each candidate skip set with the full
+model on plain greedy outputs (one eager forward per candidate, no compiling), ranked by the
+expected speedup (1 - a^(k+1)) / ((1 - a)(k c + 1)) with c the fraction of sublayers kept
+(Leviathan et al. 2023; on a GPU a small model's step is launch-bound, so cost follows kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch._dynamo.utils
+
+import decodekit
+from decodekit import Strategy
+
+TEXTS = [
+    "The old lighthouse keeper climbed the one hundred and twelve stairs every evening to light the great lamp. "
+    "Ships passing the rocky point relied on its beam to find the harbour, and in forty years the light had "
+    "never once failed. When the storm of 1952 broke the windows of the lantern room, he held a lantern in "
+    "his own hands until dawn.",
+    "Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide to make "
+    "glucose and oxygen. It takes place mainly in the leaves, inside small structures called chloroplasts, "
+    "which contain the green pigment chlorophyll. The oxygen is released into the air through tiny pores.",
+]
+#: Input-grounded prompts (repeat / quote / summarise a given text): where prompt lookup pays.
+GROUNDED = [
+    f"Repeat the following text exactly, word for word:\n\n{TEXTS[0]}",
+    f"Copy this paragraph exactly:\n\n{TEXTS[1]}",
+    f"Quote the first two sentences of this text verbatim:\n\n{TEXTS[0]}",
+    f"Summarise this text, reusing its own words:\n\n{TEXTS[1]}",
+]
+
+
+def graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def strategy(args, drafter) -> Strategy:
+    cache = {"name": "StaticCache", "compile": True, "compile_backend": args.compile_backend}
+    return Strategy(cache=cache, drafter=drafter)
+
+
+def generate(model, tok, prompts, drafter, args):
+    sync(args.device)
+    t0 = time.perf_counter()
+    r = decodekit.generate(model, tok, prompts, strategy(args, drafter), max_new_tokens=args.max_new_tokens, chat=True)
+    sync(args.device)
+    return time.perf_counter() - t0, r
+
+
+def measure(model, tok, prompts, drafter, args) -> dict:
+    """A cold generation (compiles what it needs; its warm-up seconds reported), then best of N."""
+    g0 = graphs()
+    _, cold = generate(model, tok, prompts, drafter, args)
+    warm = cold.stats.get("warmup_s", 0.0) + cold.stats.get("draft_warmup_s", 0.0)
+    best, result = float("inf"), cold
+    for _ in range(args.repeat):
+        dt, r = generate(model, tok, prompts, drafter, args)
+        if dt < best:
+            best, result = dt, r
+    return {"tps": result.stats["new_tokens"] / best, "r": result, "warm": warm, "graphs": graphs() - g0}
+
+
+# ---------------------------------------------------------------- quick skip-set search
+def candidates(L: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Blocks of middle sublayers (FACTS.md: SmolLM2's middle attention sublayers agree best)."""
+    out = []
+    mid = L // 3
+    for n in (2, 3, 4, 6, 8, 10):
+        out.append((tuple(range(mid, mid + n)), ()))
+    for n in (2, 4):
+        out.append(((), tuple(range(mid, mid + n))))
+        out.append((tuple(range(mid, mid + n)), tuple(range(mid, mid + n))))
+    return [(a, m) for a, m in out if max(a + m, default=0) < L]
+
+
+@torch.no_grad()
+def quick_search(model, tok, args) -> tuple[list[int], list[int], str]:
+    from decodekit.api import prepare
+    from decodekit_speculative.self_speculative import decoder_layers, skipped_view
+
+    L = len(decoder_layers(model))
+    # teacher forcing on what the full model itself generates greedily (that is what gets verified)
+    seqs = []
+    for p in GROUNDED[:2]:
+        r = decodekit.generate(model, tok, [p], Strategy(), max_new_tokens=48, chat=True)
+        state, _ = prepare(model, tok, [p], Strategy(), max_new_tokens=1, chat=True)
+        seqs.append((state.prompt_ids[0], r.token_ids[0]))
+    dev = next(model.parameters()).device
+    full = []
+    for prompt, new in seqs:
+        x = torch.tensor([prompt + new], device=dev)
+        full.append((x, len(prompt), model(x).logits.argmax(-1)))
+    k = args.self_k
+    best = None
+    for attn, mlp in candidates(L):
+        view = skipped_view(model, attn, mlp)
+        agree = total = 0
+        for x, P, ref in full:
+            got = view(x).logits.argmax(-1)
+            agree += int((got[0, P - 1:-1] == ref[0, P - 1:-1]).sum())
+            total += ref.shape[1] - P
+        a = min(agree / total, 0.999)
+        c = 1 - (len(attn) + len(mlp)) / (2 * L)
+        speed = (1 - a ** (k + 1)) / ((1 - a) * (k * c + 1))
+        if best is None or speed > best[0]:
+            best = (speed, list(attn), list(mlp), a)
+    speed, attn, mlp, a = best
+    return attn, mlp, f"quick search: agreement {a:.2f}, expected {speed:.2f}x by the cost model"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model dir / .gguf (default: embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--compile-backend", default="inductor", help="'eager' on CPU: trace without codegen")
+    ap.add_argument("--batch", default="1,8")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=2, help="best of N timed generations after the cold one")
+    ap.add_argument("--lookup-k", type=int, default=7)
+    ap.add_argument("--lookup-ngram", type=int, default=3)
+    ap.add_argument("--self-k", type=int, default=7)
+    ap.add_argument("--skip-file", default=None, help="SelfSpeculative skip set from `decodekit search-skip`")
+    ap.add_argument("--draft-model", default=None, help="a smaller model with the same vocabulary (DraftModel)")
+    ap.add_argument("--draft-k", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+
+    from decodekit_speculative import DraftModel, PromptLookup, SelfSpeculative
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    model, tok = decodekit.load_model(args.model, dtype=args.dtype, device=args.device)
+    torch.set_grad_enabled(False)
+    notes = []
+    drafters = {
+        "plain greedy": None,
+        f"PromptLookup(ngram={args.lookup_ngram}, k={args.lookup_k})": PromptLookup(ngram=args.lookup_ngram, k=args.lookup_k, fixed_width=True),
+    }
+    if args.skip_file:
+        self_spec = SelfSpeculative.from_file(args.skip_file, k=args.self_k)
+        notes.append(f"SelfSpeculative skip set from {args.skip_file}")
+    else:
+        attn, mlp, how = quick_search(model, tok, args)
+        self_spec = SelfSpeculative(skip_attention=attn, skip_mlp=mlp, k=args.self_k)
+        notes.append(how)
+    drafters[f"SelfSpeculative(attn {self_spec.skip_attention}, mlp {self_spec.skip_mlp}, k={args.self_k})"] = self_spec
+    if args.draft_model:
+        draft, _ = decodekit.load_model(args.draft_model, dtype=args.dtype, device=args.device)
+        drafters[f"DraftModel(k={args.draft_k})"] = DraftModel(model=draft, k=args.draft_k)
+    else:
+        notes.append(
+            "DraftModel: not measured; no smaller model shares SmolLM2-135M's vocabulary offline "
+            "(135M is the family's smallest); pass --draft-model to add a row"
+        )
+
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    rows = []
+    for B in [int(b) for b in args.batch.split(",")]:
+        prompts = [GROUNDED[i % len(GROUNDED)] for i in range(B)]
+        base = None
+        for label, drafter in drafters.items():
+            m = measure(model, tok, prompts, drafter, args)
+            if base is None:
+                base = m
+            s = m["r"].stats
+            acc = s.get("acceptance_rate")
+            rows.append(
+                f"| {B} | {label} | {m['tps']:.1f} | {m['tps'] / base['tps']:.2f}x | "
+                f"{'-' if acc is None else f'{acc:.2f}'} | {s.get('mean_accepted_length', 1.0):.2f} | {m['warm']:.1f} | "
+                f"{m['graphs']} | {s['forward_passes']} | {s.get('draft_forward_passes', 0)} | {m['r'].token_ids == base['r'].token_ids} |"
+            )
+            print(rows[-1], flush=True)
+    print(f"\n{dev}, {args.dtype}, StaticCache(compile=True, backend={args.compile_backend}), grounded prompts, "
+          f"{args.max_new_tokens} new tokens, best of {args.repeat} after a cold run; total {time.perf_counter() - t_start:.0f} s\n")
+    print("| batch | strategy | tok/s | ratio | acceptance | mean accepted length | warm-up s | graphs traced | target passes | draft passes | identical |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("\n".join(rows))
+    for n in notes:
+        print(f"\n- {n}")
+    print(json.dumps({"torch": torch.__version__, "recompile_limit": getattr(torch._dynamo.config, "recompile_limit", None)}))
+
+
+if __name__ == "__main__":
+    main()
