@@ -7,6 +7,8 @@ GPU (the lead's run, bf16, static cache = decodekit's own fastest greedy):
     python benchmarks/speculative_bench.py --device cuda --dtype bfloat16 --cache StaticCache --batch 1,8 \
         --max-new-tokens 256 --skip-file skip.json
 (``skip.json`` from ``decodekit search-skip default --device cuda --dtype bfloat16 --out skip.json``.)
+For the GPU's static, compiled path (batch 1 and 8, warm-up seconds, graphs traced) use
+``benchmarks/speculative_gpu.py``.
 """
 
 from __future__ import annotations

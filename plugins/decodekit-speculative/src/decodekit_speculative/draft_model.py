@@ -98,6 +98,9 @@ class DraftModel(AdaptiveFields):
             min(1, p/q); by default drafts are greedy (q one-hot), which is exact for any sampler.
         temperature: the draft's sampling temperature (with ``sample``).
         adaptive, threshold, beta1, alpha, epsilon, beta2: Draft & Verify's adaptive draft exit.
+        compile, compile_backend: draft through a static KV store with compiled fixed-shape passes
+            (:mod:`decodekit_speculative.static_draft`); default: when the target runs a compiled
+            StaticCache.
     """
 
     model: Any
