@@ -1,5 +1,5 @@
 """One short test on the embedded SmolLM2-135M-Instruct: two concurrent chat requests in one batch
-decode what each decodes alone (decodekit.generate, itself checked against transformers)."""
+(dynamic and static KV cache) decode what each decodes alone (decodekit.generate, itself checked against transformers)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from decodekit_serve import create_app, running
 
 
 @pytest.mark.real_model
-def test_serve_real_model_concurrent_chat():
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_serve_real_model_concurrent_chat(cache):
     model, tok = decodekit.load_model()
     questions = ["What is the capital of France?", "Name a colour."]
     want = [decodekit.generate(model, tok, [{"role": "user", "content": q}], max_new_tokens=8, chat=True).texts[0] for q in questions]
-    app = create_app(model, tok, model_id="smol", max_batch=4)
+    app = create_app(model, tok, model_id="smol", max_batch=4, cache=cache, max_len=256)
     got: dict[int, str] = {}
     with running(app) as url:
         def ask(i):
