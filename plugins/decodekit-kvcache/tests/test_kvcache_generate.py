@@ -98,3 +98,18 @@ def test_equal_length_batch_with_rows_finishing_at_different_steps(models, tok, 
     out = decodekit.generate(model, tok, prompts, decodekit.Strategy(cache=cache, eos_token_ids=[eos]), max_new_tokens=N)
     assert out.token_ids == [_cut(r, eos) for r in refs]
     assert len({len(t) for t in out.token_ids}) > 1, "the test needs rows of different lengths"
+
+
+def test_each_batch_size_and_width_compiles_its_own_step(models, tok, kv, monkeypatch):
+    """Dynamo stops compiling a code object after recompile_limit variants and silently runs it
+    eagerly: with one shared step, a second batch size would be that second variant here."""
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    model = models["llama"]
+    s = decodekit.Strategy(cache={"name": "StaticCache", "compile": True, "compile_backend": "eager"})
+    for prompts in (PROMPTS[:1], PROMPTS[:2], PROMPTS[:1]):  # batch 1, 2, then 1 again: reused
+        out = decodekit.generate(model, tok, prompts, s, max_new_tokens=6)
+        assert out.token_ids == [_cut(r) for r in kv.hf_greedy(model, tok, prompts, 6)]
+        assert out.stats["compiled_steps"] > 0 and "compile_fallback" not in out.stats

@@ -9,7 +9,9 @@ committed-minus-one. Rollback is O(1): a length pointer for full layers, a posit
 
 from __future__ import annotations
 
+import sys
 import time
+import types
 import warnings
 from typing import Any, Callable
 
@@ -296,10 +298,12 @@ class StaticCache(_KVCache):
         try:
             target, probs = fn(state.model, self._store, process, sampler, state, inputs, qvalid, self._kvalid, self._start)
         except Exception as e:
-            if not (first and _is_compile_error(e)):
+            # Compiling happens before the graph runs (on a first call or a recompile), so a
+            # compiler error leaves the state untouched.
+            if not _is_compile_error(e):
                 raise
             state.proposals = proposals
-            del self._fns[Tb]
+            self._fns.pop(Tb, None)
             raise _CompileFailed(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
         if first:
             if state.device.type == "cuda":
@@ -316,18 +320,45 @@ class StaticCache(_KVCache):
         return target.clone(), None if probs is None else probs.clone()
 
     def _make_step(self, T: int) -> Callable:
-        def decode_step(model, store, process, sampler, state, inputs, qvalid, kvalid, start):
-            pos = (state.committed - 1)[:, None] + torch.arange(T, device=inputs.device)  # [B, T]
-            store.kv_len = store.capacity  # static shapes: attend over the whole (masked) buffer
-            logits = run_model(model, store, inputs, pos, qvalid, kvalid, start, state.committed - 1, T)
-            state.scores = logits.float()                                         # [B, T, V]
-            process(state)
-            return sampler.sample(state)
+        return _step_fn(self._store.batch, T, self.compile_backend)
 
-        kwargs: dict[str, Any] = {"backend": self.compile_backend, "dynamic": False}
-        if self.compile_backend == "inductor":
+
+def _decode_step(model, store, process, sampler, state, inputs, qvalid, kvalid, start):
+    """Forward + processors + selection over a static cache: the unit compiled per (batch, width)."""
+    T = inputs.shape[1]
+    pos = (state.committed - 1)[:, None] + torch.arange(T, device=inputs.device)  # [B, T]
+    store.kv_len = store.capacity  # static shapes: attend over the whole (masked) buffer
+    logits = run_model(model, store, inputs, pos, qvalid, kvalid, start, state.committed - 1, T)
+    state.scores = logits.float()                                         # [B, T, V]
+    process(state)
+    return sampler.sample(state)
+
+
+# Compiled steps, shared by every StaticCache of the process (a second generation reuses the graphs).
+_STEP_FNS: dict[tuple[int, int, str], Callable] = {}
+
+
+def _step_fn(B: int, T: int, backend: str) -> Callable:
+    """The compiled step for batch ``B`` and verify width ``T``.
+
+    Dynamo keeps its compiled variants per *code object* and stops compiling after
+    ``recompile_limit`` (8) of them, silently running eagerly from then on. One code object for
+    every (batch, width) pair hit that limit in a benchmark that ran batch 1 and 8 with several
+    widths (prompt lookup at batch 8 fell to 0.53x of plain greedy), so each pair gets its own copy
+    of the code, and its own budget.
+    """
+    key = (B, T, backend)
+    fn = _STEP_FNS.get(key)
+    if fn is None:
+        name = f"decode_step_b{B}_t{T}"
+        names = {"co_name": name, **({"co_qualname": name} if sys.version_info >= (3, 11) else {})}
+        code = _decode_step.__code__.replace(**names)
+        own = types.FunctionType(code, _decode_step.__globals__, name)
+        kwargs: dict[str, Any] = {"backend": backend, "dynamic": False}
+        if backend == "inductor":
             kwargs["mode"] = "reduce-overhead"
-        return torch.compile(decode_step, **kwargs)
+        fn = _STEP_FNS[key] = torch.compile(own, **kwargs)
+    return fn
 
 
 class _CompileFailed(Exception):
