@@ -113,6 +113,22 @@ class AdaptiveExit:
         self.th = torch.where(live, th, self.th)
 
 
+def _pick(state, logits, i, sample, temperature, exit, active):
+    """One draft position: the token (sampled with the draft salt, or argmax), its distribution q
+    (``None`` when greedy) and which rows keep drafting (D&V's adaptive exit: the draft's top-1
+    probability must reach the threshold)."""
+    if sample:
+        scaled = logits / temperature
+        x = rng.sample(scaled[:, None], state.seeds, (state.committed + i)[:, None], rng.DRAFT)[:, 0]  # [B]
+        q = torch.softmax(scaled, -1)                                                               # [B, V]
+    else:
+        x, q = logits.argmax(-1), None
+    if exit is not None:
+        conf = (q if q is not None else torch.softmax(logits, -1)).amax(-1)
+        active = active & (conf >= exit.th)
+    return x, q, active
+
+
 def draft(
     net: DraftNet,
     state: DecodeState,
@@ -144,19 +160,9 @@ def draft(
     lengths = torch.zeros(B, dtype=torch.long, device=dev)
     for i in range(k):
         logits = net.forward(ids, pos, mask).to(dev)  # [B, V]
-        if sample:
-            scaled = logits / temperature
-            x = rng.sample(scaled[:, None], state.seeds, (state.committed + i)[:, None], rng.DRAFT)[:, 0]  # [B]
-            q = torch.softmax(scaled, -1)                                                               # [B, V]
+        x, q, active = _pick(state, logits, i, sample, temperature, exit, active & (i < room))
+        if q is not None:
             qs.append(q)
-        else:
-            x = logits.argmax(-1)
-            q = None
-        if exit is not None:
-            # top-1 probability of the draft distribution (D&V's confidence)
-            conf = (q if q is not None else torch.softmax(logits, -1)).amax(-1)
-            active = active & (conf >= exit.th)
-        active = active & (i < room)
         lengths = lengths + active.long()
         tokens.append(x)
         if i == k - 1 or (exit is not None and not bool(active.any())):
@@ -213,18 +219,9 @@ def draft_fixed(
     x = None
     for i in range(k):
         logits = (net.first(state) if i == 0 else net.next(state, x, i)).to(dev)  # [B, V]
-        if sample:
-            scaled = logits / temperature
-            x = rng.sample(scaled[:, None], state.seeds, (state.committed + i)[:, None], rng.DRAFT)[:, 0]  # [B]
-            q = torch.softmax(scaled, -1)                                                               # [B, V]
+        x, q, active = _pick(state, logits, i, sample, temperature, exit, active & (i < room))
+        if q is not None:
             qs.append(q)
-        else:
-            x = logits.argmax(-1)
-            q = None
-        if exit is not None:
-            conf = (q if q is not None else torch.softmax(logits, -1)).amax(-1)
-            active = active & (conf >= exit.th)
-        active = active & (i < room)
         lengths = lengths + active.long()
         tokens.append(x)
         if exit is not None and i < k - 1 and not bool(active.any()):
