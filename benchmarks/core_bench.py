@@ -62,30 +62,47 @@ def bare_loop(model, n, device):
     return (time.perf_counter() - t) / n
 
 
-def host_overhead(device, dtype, n, rounds):
+def host_overhead(device, dtype, n, rounds, short=16):
     model = tiny_model("llama", dtype=dtype).to(device)
     tok = tiny_tokenizer()
     prompt = tok.decode([5, 9, 13, 17, 21, 25, 29])
-    s = Strategy(stop_at_eos=False)
-    bare, dk = [], []
-    for _ in range(rounds + 1):  # interleaved; the first round warms up
-        bare.append(bare_loop(model, n, device))
+    s = Strategy(stop_at_eos=False)  # like the bare loop: exactly n tokens, no EOS check
+
+    def dk(m):
         with torch.no_grad():
-            r = decodekit.generate(model, tok, prompt, s, max_new_tokens=n)
-        dk.append(r.stats["seconds"] / n)
-    bare, dk = bare[1:], dk[1:]
-    # A shared 2-core box drifts between runs: pair each decodekit run with the bare run beside
-    # it and take the median of the pairs (and, for reference, the fastest run of each).
-    ratio = statistics.median(d / b for d, b in zip(dk, bare))
-    diff = statistics.median(d - b for d, b in zip(dk, bare))
+            return decodekit.generate(model, tok, prompt, s, max_new_tokens=m).stats["seconds"]
+
+    bare, dkl, bare_s, dk_s = [], [], [], []
+    for _ in range(rounds + 1):  # interleaved; the first round warms up
+        bare.append(bare_loop(model, n, device) * n)
+        dkl.append(dk(n))
+        bare_s.append(bare_loop(model, short, device) * short)
+        dk_s.append(dk(short))
+    bare, dkl, bare_s, dk_s = (x[1:] for x in (bare, dkl, bare_s, dk_s))
+    # A shared box drifts between runs: pair each decodekit run with the bare run beside it and
+    # take the median of the pairs (and, for reference, the fastest run of each).
+    per = lambda xs: [x / n for x in xs]  # noqa: E731
+    ratio = statistics.median(d / b for d, b in zip(dkl, bare))
+    diff = statistics.median((d - b) / n for d, b in zip(dkl, bare))
+    # The marginal cost of one more token: (time for n - time for `short`) / (n - short). It leaves
+    # out what a generation pays once (prefill, setup), i.e. the per-token loop alone.
+    slope_b = [(x - y) / (n - short) for x, y in zip(bare, bare_s)]
+    slope_d = [(x - y) / (n - short) for x, y in zip(dkl, dk_s)]
+    s_diff = statistics.median(d - b for d, b in zip(slope_d, slope_b))
+    s_ratio = statistics.median(d / b for d, b in zip(slope_d, slope_b))
     cache = type(s.resolved()[0]).__name__
     print(f"\n### Host overhead per token (tiny 2-layer llama, {device}, {dtype}, {n} tokens, "
           f"{torch.get_num_threads()} thread(s), {rounds} interleaved rounds)\n")
-    print("| loop | µs / token (median) | µs / token (fastest) |\n|---|---:|---:|")
-    print(f"| bare loop (model + DynamicCache + argmax) | {statistics.median(bare) * 1e6:.0f} | {min(bare) * 1e6:.0f} |")
-    print(f"| decodekit ({cache}) | {statistics.median(dk) * 1e6:.0f} | {min(dk) * 1e6:.0f} |")
+    print("| loop | µs / token (median) | µs / token (fastest) | marginal µs / token (median) |\n|---|---:|---:|---:|")
+    print(f"| bare loop (model + DynamicCache + argmax) | {statistics.median(per(bare)) * 1e6:.0f} | {min(per(bare)) * 1e6:.0f} | "
+          f"{statistics.median(slope_b) * 1e6:.0f} |")
+    print(f"| decodekit ({cache}) | {statistics.median(per(dkl)) * 1e6:.0f} | {min(per(dkl)) * 1e6:.0f} | "
+          f"{statistics.median(slope_d) * 1e6:.0f} |")
     print(f"| **overhead** (median of paired runs) | **{diff * 1e6:.0f} µs ({(ratio - 1) * 100:.1f}%)** | "
-          f"{(min(dk) - min(bare)) * 1e6:.0f} µs ({(min(dk) / min(bare) - 1) * 100:.1f}%) |")
+          f"{(min(dkl) - min(bare)) / n * 1e6:.0f} µs ({(min(dkl) / min(bare) - 1) * 100:.1f}%) | "
+          f"{s_diff * 1e6:.0f} µs ({(s_ratio - 1) * 100:.1f}%) |")
+    print(f"\n(per token: whole generation of {n} tokens / {n}, prefill included; marginal: "
+          f"(time for {n} - time for {short}) / {n - short})")
 
 
 def vs_transformers(device, dtype, n, rounds):

@@ -148,6 +148,7 @@ def main() -> None:
     ap.add_argument("--draft-model", default=None, help="a smaller model with the same vocabulary (DraftModel)")
     ap.add_argument("--draft-k", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--profile", action="store_true", help="also profile one warm prompt-lookup generation per batch size")
     args = ap.parse_args()
 
     from decodekit_speculative import DraftModel, PromptLookup, SelfSpeculative
@@ -204,6 +205,32 @@ def main() -> None:
     for n in notes:
         print(f"\n- {n}")
     print(json.dumps({"torch": torch.__version__, "recompile_limit": getattr(torch._dynamo.config, "recompile_limit", None)}))
+    if args.profile:
+        lookup = next(d for d in drafters.values() if isinstance(d, PromptLookup))
+        for B in [int(b) for b in args.batch.split(",")]:
+            profile(model, tok, [GROUNDED[i % len(GROUNDED)] for i in range(B)], lookup, args)
+
+
+def profile(model, tok, prompts, drafter, args) -> None:
+    """Where a warm speculative generation spends its time: host ops per step, device syncs, GPU
+    kernel time. Shows whether a step is host-bound (eager ops, syncs) or GPU-bound."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    generate(model, tok, prompts, drafter, args)  # warm
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    with tprofile(activities=acts) as prof:
+        dt, r = generate(model, tok, prompts, drafter, args)
+    steps = r.stats["forward_passes"]
+    ev = prof.key_averages()
+    syncs = {e.key: e.count for e in ev if "Synchronize" in e.key or e.key in ("aten::_local_scalar_dense", "cudaMemcpyAsync")}
+    aten = [e for e in ev if e.key.startswith("aten::")]
+    gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in ev if getattr(e, "device_type", None) is not None
+                 and str(e.device_type).endswith("CUDA"))
+    print(f"\n#### profile: prompt lookup, batch {len(prompts)}: {steps} steps, {dt / steps * 1e3:.2f} ms/step (profiled), "
+          f"aten ops/step {sum(e.count for e in aten) / steps:.0f}, GPU kernel time/step {gpu_us / steps / 1e3:.2f} ms")
+    print(f"syncs and copies: {syncs}")
+    print(ev.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -187,6 +187,14 @@ class Cache(Component):
         process(state)
         return sampler.sample(state)
 
+    def keeps_holes(self) -> bool:
+        """``True``: after a step with proposals (or a rollback) the host loop leaves rejected slots
+        in place as holes instead of trimming the trailing ones, which needs the device's answer
+        (a host sync) before the next step can be queued. Only a cache that masks holes anyway and
+        attends over fixed shapes wants that (a compiled static cache: the GPU then never waits
+        for the host); it compacts its slots when they run out."""
+        return False
+
     def cache_update(self, state: DecodeState) -> None:
         """Keep exactly ``state.n_slots`` slots."""
 

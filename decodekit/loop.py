@@ -256,6 +256,41 @@ def _commit(
     state.rolled_back = torch.zeros_like(count)
 
 
+def _commit_plain(state: DecodeState, target: torch.Tensor, eos: int | torch.Tensor | None, early: bool, final: bool,
+                  ones: torch.Tensor) -> None:
+    """:func:`_commit` for a step of plain decoding (no proposals) while no row was ever rolled
+    back, in about half the small ops: on a small model the host's own ops per token are what a
+    step costs beyond the model.
+
+    Every live row then has exactly ``state.step`` new tokens, so this step's token goes to that
+    column of ``out_tokens`` (a finished row's column is past its ``n_new``: never read). A row
+    finishes by EOS (``eos``: one id, several, or None), by a stop string (the consumer marks it
+    after the yield) or by its budget, which every live row reaches at the same, host-known step
+    (``final``). ``early=False`` says no row can finish before that (no EOS, no stop strings):
+    then every row is live and ``finished`` need not be read at all (``ones``: [B] long ones).
+    """
+    nxt = target.select(1, 0)                       # [B] target is the sampler's own [B, 1]
+    state.out_tokens.select(1, state.step).copy_(nxt)
+    if early:
+        fin = state.finished
+        live = state.append_slot(state.last, fin)   # the new slot's validity: live rows commit
+        state.last = torch.where(fin, state.last, nxt)
+        count = live.long()
+    else:
+        live = state.append_slot(state.last, None)
+        state.last = nxt
+        count = ones
+    state.committed = state.committed + count
+    state.n_new = state.n_new + count
+    if final:
+        state.finished = torch.ones_like(state.finished)
+    elif eos is not None:
+        hit = nxt == eos if isinstance(eos, int) else torch.isin(nxt, eos)
+        state.finished = state.finished | (hit & live)
+    state.step_tokens, state.accepted = target, count
+    state.rolled_back = state.n_proposed  # zeros: nothing proposed, nothing rolled back
+
+
 def _apply_rollback(state: DecodeState, m: torch.Tensor) -> None:
     """Un-commit the last ``m[r]`` tokens of each row (requested by a component)."""
     m = torch.minimum(m.clamp_min(0), state.n_new)
@@ -286,7 +321,7 @@ def _trim(state: DecodeState) -> bool:
     keep = (used.long() * torch.arange(1, S + 1, device=state.device)).max() if S else state.n_new.new_zeros(())
     keep, done = torch.stack([keep, state.finished.all().long()]).tolist()
     if keep < S:
-        state.tokens, state.valid = state.tokens[:, :keep], state.valid[:, :keep]
+        state.truncate_slots(keep)
     return bool(done)
 
 
@@ -388,6 +423,12 @@ def run(state: DecodeState, strategy: Strategy) -> Iterator[DecodeState]:
     grad = torch.is_grad_enabled()
     stop_check = _StopCheck(state.device)
     plain = True  # no step so far had proposals or a rollback
+    # What can finish a row before its budget: EOS (one id is compared as a host int) and stop
+    # strings. With neither, plain decoding never needs to ask the device whether rows finished.
+    eos_ids = state.eos_token_ids.tolist()
+    eos = None if not eos_ids else eos_ids[0] if len(eos_ids) == 1 else state.eos_token_ids
+    early = eos is not None or bool(state.extras.get("stop"))
+    ones = torch.ones(state.batch_size, dtype=torch.long, device=state.device)
     try:
         while True:
             if grad:
@@ -424,16 +465,20 @@ def run(state: DecodeState, strategy: Strategy) -> Iterator[DecodeState]:
                     e.add_note(f"decodekit: raised in {type(cache).__name__}.step (forward or {type(sampler).__name__}.sample)")
                 raise
             state.forward_passes += 1
-            # verify
+            # verify and commit
             if proposal is None:
-                n, nxt = state.n_proposed, target.select(1, 0)  # nothing proposed: zeros, the pick
+                state.n_matched = state.n_proposed  # nothing proposed: zeros
+                if plain:
+                    _commit_plain(state, target, eos, early, state.step + 1 >= state.max_new_tokens, ones)
+                else:
+                    _commit(state, inputs, state.n_proposed, target.select(1, 0))
             else:
                 n, nxt = verify(state, target, probs, proposal)
                 n = n.masked_fill(state.finished, 0)
                 drafted += state.n_proposed.sum()
                 matched += n.sum()
-            state.n_matched = n
-            _commit(state, inputs, n, nxt)
+                state.n_matched = n
+                _commit(state, inputs, n, nxt)
             # accept/rollback: every stateful component learns what was committed
             _call(acc, state)
             rolled = state._rollback is not None
@@ -447,12 +492,23 @@ def run(state: DecodeState, strategy: Strategy) -> Iterator[DecodeState]:
                 # finished can trailing slots be holes in every row, so trim only then.
                 # Every step so far committed one token per live row: after max_new_tokens of
                 # them every row is finished, which the host knows without asking the device.
-                done = (plain and state.step + 1 >= state.max_new_tokens) or stop_check.all_finished(state.finished)
+                if plain and (state.step + 1 >= state.max_new_tokens or not early):
+                    done = state.step + 1 >= state.max_new_tokens
+                else:
+                    done = stop_check.all_finished(state.finished)
                 if done:
                     _trim(state)
             else:
                 plain = False
-                done = _trim(state)
+                if cache.keeps_holes():
+                    # Rejected slots stay as (masked) holes: no host sync here, the stop flag is
+                    # read one step late on CUDA like plain decoding's.
+                    state.dense = False
+                    done = stop_check.all_finished(state.finished)
+                    if done:
+                        _trim(state)
+                else:
+                    done = _trim(state)
             # cache-update: keep exactly the committed prefix minus the last token
             _call(upd, state)
             state.step += 1

@@ -52,9 +52,8 @@ class DecodeState:
     pad_token_id: int
     extras: dict[str, Any] = field(default_factory=dict)  # per-generation scratch for components
 
-    # --- the slot buffer (mirrors the cache)
-    tokens: torch.Tensor = None           # [B, S] token per slot
-    valid: torch.Tensor = None            # [B, S] bool, slot holds a committed token
+    # --- the slot buffer (mirrors the cache); ``tokens`` [B, S] and ``valid`` [B, S] (bool, the
+    # slot holds a committed token) are properties below
     last: torch.Tensor = None             # [B] the last committed token (next input)
     committed: torch.Tensor = None        # [B] committed tokens incl. prompt and ``last``
     #: No live row has a hole or left padding (equal-length prompts, and speculation or rollback
@@ -78,8 +77,15 @@ class DecodeState:
     n_proposed: torch.Tensor = None       # [B] real proposals this step
     n_matched: torch.Tensor = None        # [B] proposals accepted this step
     _rollback: torch.Tensor | None = None
+    # Slot buffer storage. Either explicit tensors (``_tok``/``_val``, whatever was assigned) or,
+    # once appended to, the first ``_S`` columns of the preallocated ``_slot_buf``: a plain step
+    # then only writes one column and bumps ``_S``, and the prefix views are made when someone
+    # reads ``tokens``/``valid`` (on a small model every op per token counts).
+    _tok: torch.Tensor | None = field(default=None, repr=False)
+    _val: torch.Tensor | None = field(default=None, repr=False)
+    _S: int = field(default=-1, repr=False)          # -1: explicit tensors; else the buffer's width in use
     _slot_buf: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
-    _slot_views: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _views: tuple[int, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     # --- counters for stats
     forward_passes: int = 0
@@ -87,8 +93,41 @@ class DecodeState:
 
     # ------------------------------------------------------------------ views
     @property
+    def tokens(self) -> torch.Tensor:
+        """[B, S] the token of every slot."""
+        return self._tok if self._S < 0 else self._buffer_views()[0]
+
+    @tokens.setter
+    def tokens(self, value: torch.Tensor) -> None:
+        self._explicit()
+        self._tok = value
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """[B, S] bool: the slot holds a committed token (False: a hole or left padding)."""
+        return self._val if self._S < 0 else self._buffer_views()[1]
+
+    @valid.setter
+    def valid(self, value: torch.Tensor) -> None:
+        self._explicit()
+        self._val = value
+
+    @property
     def n_slots(self) -> int:
-        return self.tokens.shape[1]
+        return self._S if self._S >= 0 else self._tok.shape[1]
+
+    def _buffer_views(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        views = self._views
+        if views is None or views[0] != self._S:
+            buf, S = self._slot_buf, self._S
+            views = self._views = (S, buf[0].narrow(1, 0, S), buf[1].narrow(1, 0, S))
+        return views[1], views[2]
+
+    def _explicit(self) -> None:
+        """Switch to explicit tensors (someone assigns ``tokens`` or ``valid``)."""
+        if self._S >= 0:
+            self._tok, self._val = self._buffer_views()
+            self._S = -1
 
     @property
     def num_positions(self) -> int:
@@ -128,46 +167,60 @@ class DecodeState:
     def append_slots(self, tokens: torch.Tensor, valid: torch.Tensor) -> None:
         """Append ``[B, T]`` slots to the slot buffer.
 
-        The buffer is preallocated and ``tokens``/``valid`` are prefix views of it, so a step
+        The buffer is preallocated and ``tokens``/``valid`` are its first ``S`` columns, so a step
         costs two small copies instead of re-concatenating the whole history (the host overhead
-        per token is what matters on small models). Whoever replaces ``tokens``/``valid`` with
-        other tensors (compaction, rollback) is fine: the next append copies them in once.
+        per token is what matters on small models). Whoever assigns ``tokens``/``valid`` other
+        tensors (compaction, rollback, trimming) is fine: the next append copies them in once,
+        or adopts them without a copy when they are a prefix of the buffer.
         """
-        S, T = self.tokens.shape[1], tokens.shape[1]
+        T = tokens.shape[1]
+        S = self._adopt(T)
         buf = self._slot_buf
-        if buf is None or S + T > buf[0].shape[1] or not self._views_of(buf):
-            cap = max(2 * (S + T), S + self.max_new_tokens + 2 * T)
-            buf = (self.tokens.new_empty(self.batch_size, cap), self.valid.new_zeros(self.batch_size, cap))
-            buf[0][:, :S].copy_(self.tokens)
-            buf[1][:, :S].copy_(self.valid)
-            self._slot_buf = buf
         buf[0][:, S:S + T].copy_(tokens)
         buf[1][:, S:S + T].copy_(valid)
-        self.tokens, self.valid = buf[0][:, :S + T], buf[1][:, :S + T]
-        self._slot_views = (self.tokens, self.valid)
+        self._S = S + T
 
-    def _views_of(self, buf: tuple[torch.Tensor, torch.Tensor]) -> bool:
-        """``tokens``/``valid`` are still prefix views of the buffer (the views set last, or a
-        shorter prefix after a trim); anything else was replaced and must be copied in."""
-        views = self._slot_views
-        if views is not None and self.tokens is views[0] and self.valid is views[1]:
-            return True
-        return _is_prefix(self.tokens, buf[0]) and _is_prefix(self.valid, buf[1])
-
-    def append_slot(self, token: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
-        """One slot per row (plain decoding's step): ``token`` [B], valid where not ``finished``
-        [B]. Returns the new slot's validity [B] (a view; read it before the next append)."""
-        buf = self._slot_buf
-        S = self.tokens.shape[1]
-        if buf is None or S >= buf[0].shape[1] or not self._views_of(buf):
-            self.append_slots(token.unsqueeze(1), ~finished.unsqueeze(1))
-            buf = self._slot_buf
+    def _adopt(self, T: int) -> int:
+        """Make the buffer hold the current slots with room for ``T`` more; returns ``S``."""
+        buf, S = self._slot_buf, self._S
+        if S >= 0 and S + T <= buf[0].shape[1]:
+            return S
+        if S < 0:
+            tok, val = self._tok, self._val
+            S = tok.shape[1]
+            if buf is not None and S + T <= buf[0].shape[1] and _is_prefix(tok, buf[0]) and _is_prefix(val, buf[1]):
+                self._S = S  # a trimmed prefix of the buffer: nothing to copy
+                return S
         else:
-            buf[0].select(1, S).copy_(token)
-            torch.logical_not(finished, out=buf[1].select(1, S))
-            self.tokens, self.valid = buf[0].narrow(1, 0, S + 1), buf[1].narrow(1, 0, S + 1)
-            self._slot_views = (self.tokens, self.valid)
-        return buf[1].select(1, S)
+            tok, val = self._buffer_views()
+        cap = max(2 * (S + T), S + self.max_new_tokens + 2 * T)
+        new = (tok.new_empty(self.batch_size, cap), val.new_zeros(self.batch_size, cap))
+        new[0][:, :S].copy_(tok)
+        new[1][:, :S].copy_(val)
+        self._slot_buf, self._S, self._views = new, S, None
+        return S
+
+    def append_slot(self, token: torch.Tensor, finished: torch.Tensor | None) -> torch.Tensor:
+        """One slot per row (plain decoding's step): ``token`` [B], valid where not ``finished``
+        [B] (``None``: every row). Returns the new slot's validity [B] (a view; read it before
+        the next append)."""
+        S = self._adopt(1)
+        buf = self._slot_buf
+        buf[0].select(1, S).copy_(token)
+        ok = buf[1].select(1, S)
+        if finished is None:
+            ok.fill_(True)
+        else:
+            torch.logical_not(finished, out=ok)
+        self._S = S + 1
+        return ok
+
+    def truncate_slots(self, keep: int) -> None:
+        """Drop every slot from ``keep`` on (trailing holes)."""
+        if self._S >= 0:
+            self._S = min(self._S, keep)
+        else:
+            self._tok, self._val = self._tok[:, :keep], self._val[:, :keep]
 
     # ----------------------------------------------------------- rollback
     def request_rollback(self, counts: torch.Tensor) -> None:

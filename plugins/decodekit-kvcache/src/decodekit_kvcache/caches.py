@@ -140,9 +140,11 @@ class _KVCache(Cache):
         # Called a second time in one step only after a rollback request: the one moment a ring may
         # have lost positions the rolled-back rows now need again. Check it (one host sync, only on
         # rollback steps) and fail loudly rather than attend to a wrong window.
+        if not self._layout.window:  # full layers only: a rollback is a pointer move, nothing to check
+            return
         again = self._accept_step == state.step
         self._accept_step = state.step
-        if not (again and self._layout.window):
+        if not again:
             return
         ahead = self._high - (state.committed - 1)    # [B] positions written beyond the last committed
         worst = int(ahead.max())
@@ -209,7 +211,11 @@ class StaticCache(_KVCache):
         # and every step writes T_max slots for all rows.
         need = longest + state.max_new_tokens + T_max - 1
         if self.max_len is None:
-            return round_up(need, 64), None
+            # The compiled path keeps rejected drafts as holes (no host sync per step, see
+            # keeps_holes) and compacts when they fill the buffer: room for as many holes as
+            # tokens keeps that rare. An explicit max_len only has to hold ``need``.
+            holes = state.max_new_tokens if T_max > 1 and self._compiled_on(state) else 0
+            return round_up(need + holes, 64), None
         if need > self.max_len:
             extra = f" + {T_max - 1} proposal slots" if T_max > 1 else ""
             raise DecodekitError(
@@ -231,6 +237,9 @@ class StaticCache(_KVCache):
         self._qvalid: dict[tuple[int, int, int], torch.Tensor] = {}
         self._stats = state.extras.setdefault("stats", {})
         self._stats.update(warmup_s=0.0, compiled_steps=0, compactions=0)
+
+    def keeps_holes(self) -> bool:
+        return self._graph
 
     def cache_update(self, state: DecodeState) -> None:
         S = state.n_slots

@@ -110,7 +110,9 @@ class StaticDraftNet:
         self.prefills = 0
         self._fns: dict[int, Callable] = {}
         self._compactions = self._target_compactions(state)
-        need = int(state.prompt_lengths.max()) + state.max_new_tokens + 2 * (k + 1)
+        # The compiled target keeps rejected drafts as holes (Cache.keeps_holes) with room for as
+        # many holes as tokens before it compacts: the mirror needs the same room.
+        need = int(state.prompt_lengths.max()) + 2 * state.max_new_tokens + 2 * (k + 1)
         self._allocate(round_up(need, 64))
 
     # ------------------------------------------------------------------ buffers
