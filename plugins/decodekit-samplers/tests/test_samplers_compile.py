@@ -211,3 +211,32 @@ def test_chain_compiles_with_inductor_and_equals_eager_tokens():
     assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1 and counters["frames"]["total"] == 1
     assert out["inductor"] == out["eager"]
     assert len(set(map(tuple, out["eager"]))) == 2  # the rows differ (a sampler, not a constant)
+
+
+def test_counting_penalties_do_not_recompile_for_another_length():
+    """The counting penalties read the new tokens through a power-of-two-wide buffer, so the
+    compiled step does not specialise on ``max_new_tokens`` (the loop's ``out_tokens`` is exactly
+    ``max_new_tokens + 1`` wide): two generations of different lengths share one graph, and give
+    the eager step's tokens."""
+    from torch._dynamo.utils import counters
+
+    from decodekit.testing import tiny_model, tiny_tokenizer
+
+    decodekit.reset_plugin_manager()
+    if "StaticCache" not in decodekit.get_plugin_manager().components:
+        pytest.skip("decodekit-kvcache is not installed")
+    model, tok = tiny_model("llama", vocab_size=600, num_hidden_layers=1), tiny_tokenizer()
+
+    def run(n: int, compiled: bool):
+        cache = {"name": "StaticCache", "compile": compiled, "compile_backend": "eager", "max_len": 64}
+        procs = [S.RepetitionPenalty(1.5), S.FrequencyPenalty(0.4), S.PresencePenalty(0.3)]
+        strategy = decodekit.Strategy(cache=cache, processors=procs, sampler=S.Multinomial(), stop_at_eos=False)
+        return decodekit.generate(model, tok, ["the cat and the cat", "a b a b"], strategy, max_new_tokens=n, seed=5)
+
+    torch._dynamo.reset()
+    counters.clear()
+    for n in (9, 14):
+        res = run(n, True)
+        assert res.stats["compiled_steps"] == n - 1 and "compile_fallback" not in res.stats
+        assert res.token_ids == run(n, False).token_ids
+    assert counters["stats"]["unique_graphs"] == 1 and counters["frames"]["total"] == 1

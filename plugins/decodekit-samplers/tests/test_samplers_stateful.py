@@ -166,12 +166,12 @@ def _check_state_is_fresh(comp, state):
             h = comp._hist
             assert int(h.length[r]) == len(seq)
             assert h.ids[r, : len(seq)].tolist() == seq
-        if hasattr(comp, "_counts"):
+        if hasattr(comp, "committed_counts"):
             counted = seq if comp.include_prompt else seq[len(state.prompt_ids[r]):]
             fresh = torch.zeros(state.vocab_size)
             for tok, c in Counter(counted).items():
                 fresh[tok] = c
-            assert torch.equal(comp._counts[r, : state.vocab_size], fresh)
+            assert torch.equal(comp.committed_counts(state)[r, : state.vocab_size], fresh)
 
 
 # ------------------------------------------------------------------------------ through the loop
@@ -236,3 +236,71 @@ def test_speculation_and_rollback_do_not_change_the_output(sampler):
     )
     assert drafted.stats["forward_passes"] < plain.stats["forward_passes"]  # drafts were accepted
     assert drafted.token_ids == plain.token_ids
+
+
+# ------------------------------------------------------------------------------ host work per step
+COUNTING = [lambda: S.RepetitionPenalty(1.3), lambda: S.PresencePenalty(0.5), lambda: S.FrequencyPenalty(0.7)]
+
+
+def _loop_state(B: int = 3, max_new: int = 12, width: int | None = None):
+    tok, model = tiny_tokenizer(), tiny_model("llama")
+    state, _ = prepare(model, tok, PROMPTS[:B], None, max_new_tokens=max_new, seed=0)
+    # The loop allocates max_new_tokens + k + 1 columns; other drivers may use another width.
+    state.out_tokens = torch.zeros(state.batch_size, width or max_new + 1, dtype=torch.long)
+    state.proposals = torch.zeros(state.batch_size, 0, dtype=torch.long)
+    state.n_proposed = torch.zeros(state.batch_size, dtype=torch.long)
+    return state
+
+
+@pytest.mark.parametrize("width,ops_per_accept", [(None, ["slice", "copy_"]), (64, [])], ids=["mirrored", "direct"])
+@pytest.mark.parametrize("make", COUNTING, ids=["repetition", "presence", "frequency"])
+def test_counting_accept_launches_at_most_one_copy(make, width, ops_per_accept):
+    """The counting penalties' per-token host work is one copy, none when ``out_tokens``' width is
+    already a bucket (issue #4: on a GPU at batch 1 every eager op in an accept hook is a kernel
+    launch outside the CUDA graph). Counted with a dispatch mode: every ATen call accept makes,
+    views included; the counts must still equal a fresh recompute."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    state = _loop_state(width=width)
+    comp = make()
+    comp.setup(state)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        state.scores = torch.randn(state.batch_size, 1, state.vocab_size, generator=g)
+        nxt = comp.process_logits(state).argmax(-1)[:, 0]
+        _commit(state, torch.cat([state.last[:, None], state.proposals], 1), state.n_proposed, nxt)
+        with Ops() as ops:
+            comp.accept(state)
+        assert [op.split(".")[0] for op in ops.ops] == ops_per_accept, ops.ops
+        _check_state_is_fresh(comp, state)
+
+
+def test_counting_follows_a_wider_out_tokens():
+    """A driver may replace ``out_tokens`` by a wider tensor mid-generation (the transformers
+    adapter grows it): the counts still equal a fresh recompute, before and after."""
+    state = _loop_state(max_new=70)
+    comp = S.FrequencyPenalty(0.7, include_prompt=True)
+    comp.setup(state)
+    g = torch.Generator().manual_seed(1)
+    for step in range(70):
+        if step == 40:  # past the first mirror width (64): the mirror must grow
+            state.out_tokens = torch.cat([state.out_tokens, torch.zeros_like(state.out_tokens)], 1)
+        scores = torch.randn(state.batch_size, 1, state.vocab_size, generator=g)
+        state.scores = scores.clone()
+        out = comp.process_logits(state)
+        for r in range(state.batch_size):  # FrequencyPenalty over prompt + new tokens
+            want = counts_oracle(0.0, 0.7)(committed_seq(state, r), 0, scores[r, 0], None)
+            torch.testing.assert_close(out[r, 0], want, rtol=1e-5, atol=1e-5)
+        nxt = (out[:, 0] + 3 * torch.randn(out[:, 0].shape, generator=g)).argmax(-1)
+        _commit(state, torch.cat([state.last[:, None], state.proposals], 1), state.n_proposed, nxt)
+        comp.accept(state)
+        _check_state_is_fresh(comp, state)

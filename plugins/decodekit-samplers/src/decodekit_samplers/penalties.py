@@ -37,6 +37,18 @@ def position_counts(counts: torch.Tensor, proposals: torch.Tensor, V: int) -> to
     return out[..., :V]
 
 
+def position_seen(seen: torch.Tensor, proposals: torch.Tensor, V: int) -> torch.Tensor:
+    """:func:`position_counts` for presence only: ``[B, T, V]`` bool from the committed ``seen``
+    ``[B, V + 1]`` (a quarter of the bytes of float counts, and no ``> 0`` pass)."""
+    B, k = proposals.shape
+    if k == 0:
+        return seen[:, None, :V]
+    t = torch.arange(k + 1, device=seen.device)
+    before = torch.arange(k, device=seen.device)[None] < t[:, None]  # [T, k]
+    idx = torch.where(before[None], proposals.clamp(max=V)[:, None, :], V)  # [B, T, k]; V: the spare column
+    return seen[:, None].repeat(1, k + 1, 1).scatter_(2, idx, True)[..., :V]
+
+
 def repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
     """CTRL's penalty (Keskar et al. 2019, arXiv 1909.05858) as transformers applies it: a seen
     token's score is divided by ``penalty`` if positive, multiplied if negative."""
@@ -105,31 +117,80 @@ def dry_match_lengths(ext: torch.Tensor, n_t: torch.Tensor, breaker: torch.Tenso
 
 
 # ----------------------------------------------------------------------------- components
+def _width(n: int) -> int:
+    """Columns of the token mirror: a power of two >= 64, so the compiled step sees few shapes."""
+    return max(64, 1 << (n - 1).bit_length())
+
+
 class _Counting(Processor):
-    """Keeps per-row token counts ``[B, V + 1]`` of the committed prefix (the last column takes
-    ids outside the model's vocabulary). Subclasses declare ``include_prompt`` after their main
-    field, so a single positional value fills the main field."""
+    """Token counts ``[B, T, V]`` of every verify position's prefix, recomputed inside the step
+    from the core's own record of new tokens (``state.out_tokens[:, :n_new]``) on top of the prompt's
+    counts, which are counted once in ``setup``. Subclasses declare ``include_prompt`` after their
+    main field, so a single positional value fills the main field.
+
+    Why not counts kept up to date in ``accept`` (as before): that took ~20 eager ops per step
+    (un-count the rolled-back tail, append, re-count) outside the CUDA graph, where each costs the
+    host a kernel launch: at batch 1 on a GPU the host is what a step costs beyond the graph
+    (issue #4). Now rollback needs no work at all (``n_new`` already went down), and ``accept`` at
+    most one copy: when ``out_tokens``' width is not a power of two >= 64 it is mirrored into a
+    buffer that is, so the compiled step sees few shapes (``out_tokens`` is exactly
+    ``max_new_tokens + k + 1`` wide: read directly, every new length would recompile the step).
+    """
 
     def setup(self, state: DecodeState) -> None:
-        self._hist = History(state)
         V = state.vocab_size
         self._V = V
-        self._counts = torch.zeros(state.batch_size, V + 1, dtype=torch.float32, device=state.device)
+        # The prompt's counts [B, V + 1]; the last column takes ids outside the vocabulary and
+        # every masked-out write below.
+        base = torch.zeros(state.batch_size, V + 1, dtype=torch.float32)
         if self.include_prompt:
-            C = self._hist.capacity
-            j = torch.arange(C, device=state.device)
-            mask = (j[None] < self._hist.length[:, None]).float()
-            self._counts.scatter_add_(1, self._hist.ids[:, :C].clamp(max=V), mask)
+            for r, prompt in enumerate(state.prompt_ids):  # once per generation, not per token
+                if prompt:
+                    ids = torch.tensor(prompt, dtype=torch.long).clamp(max=V)
+                    base[r].scatter_add_(0, ids, torch.ones(len(prompt)))
+        self._base = base.to(state.device)
+        self._out: torch.Tensor | None = None  # [B, W] mirror of state.out_tokens (W >= its width)
+        self._direct = False  # out_tokens' own width is a bucket: read it, no mirror
+        self.accept(state)
+
+    def _new_tokens(self, state: DecodeState) -> torch.Tensor | None:
+        """``[B, W]`` the new tokens (valid below ``n_new``): ``out_tokens`` itself when its width is
+        a bucket, else the mirror; ``None`` before there are any. Decided by a flag set in
+        ``accept``: looking at ``out_tokens`` here would make the compiled step guard on its shape."""
+        return state.out_tokens if self._direct else self._out
+
+    def accept(self, state: DecodeState) -> None:
+        """Mirror ``state.out_tokens`` (a host-side shape check, then one copy; nothing when its
+        width is a bucket already). The mirror is reallocated only when outgrown."""
+        out = state.out_tokens
+        self._direct = out is not None and out.shape[1] == _width(out.shape[1])
+        if out is None or self._direct:
+            return
+        if self._out is None or self._out.shape[1] < out.shape[1] or self._out.shape[0] != out.shape[0]:
+            self._out = torch.zeros(out.shape[0], _width(out.shape[1]), dtype=torch.long, device=self._base.device)
+        self._out[:, : out.shape[1]].copy_(out)
+
+    def _committed_ids(self, state: DecodeState) -> torch.Tensor | None:
+        """``[B, W]`` each row's committed new tokens, every other column pointing at the spare
+        column V (never written, or rolled back: at or past ``n_new``); ``None`` before any."""
+        out = self._new_tokens(state)
+        if out is None or state.n_new is None:
+            return None
+        # The index is made here, not kept: inside the compiled step it folds into the kernel
+        # instead of being one more graph input to copy per replay.
+        j = torch.arange(out.shape[1], device=out.device)
+        return torch.where(j[None] < state.n_new[:, None], out.clamp(max=self._V), self._V)
+
+    def committed_counts(self, state: DecodeState) -> torch.Tensor:
+        """``[B, V + 1]`` counts of each row's committed prefix (prompt if counted + new tokens)."""
+        ids = self._committed_ids(state)
+        if ids is None:
+            return self._base
+        return self._base.scatter_add(1, ids, torch.ones(ids.shape, dtype=self._base.dtype, device=ids.device))
 
     def counts(self, state: DecodeState) -> torch.Tensor:
         """``[B, T, V]`` counts per verify position."""
-        return position_counts(self._counts, state.proposals, self._V)
-
-    def accept(self, state: DecodeState) -> None:
-        gone, mask = self._hist.removed(state)
-        self._counts.scatter_add_(1, gone.clamp(max=self._V), -mask.float())
-        added, mask = self._hist.accept(state)
-        self._counts.scatter_add_(1, added.clamp(max=self._V), mask.float())
+        return position_counts(self.committed_counts(state), state.proposals, self._V)
 
 
 class RepetitionPenalty(_Counting):
@@ -142,9 +203,13 @@ class RepetitionPenalty(_Counting):
     def setup(self, state: DecodeState) -> None:
         super().setup(state)
         self._penalty = per_row(self, "repetition_penalty", state)
+        self._seen = self._base > 0  # [B, V + 1] the prompt's tokens
 
     def process_logits(self, state: DecodeState) -> torch.Tensor:
-        return repetition_penalty(state.scores, self.counts(state) > 0, self._penalty)
+        # Presence is all this penalty needs: a bool scatter instead of float counts.
+        ids = self._committed_ids(state)
+        seen = self._seen if ids is None else self._seen.scatter(1, ids, True)
+        return repetition_penalty(state.scores, position_seen(seen, state.proposals, self._V), self._penalty)
 
 
 class PresencePenalty(_Counting):
