@@ -7,6 +7,14 @@ Prints markdown tables.
     python benchmarks/serve_load.py --device cuda --dtype bfloat16   # GPU, both caches
     python benchmarks/serve_load.py --cache static --device cuda --dtype bfloat16
     python benchmarks/serve_load.py --tiny --clients 1,4 --requests 2 --max-tokens 8   # quick check
+    python benchmarks/serve_load.py --tiny --cache static --compile on --compile-backend aot_eager --clients 1,4 \
+        --requests 1 --max-tokens 8                                  # the compiled static step, traced on CPU
+
+With the static cache on CUDA the decode forward runs as a compiled step (``--compile auto``): each
+server compiles it when it starts (once per batch size per process, ~20-40 s for max_batch 16 and
+again for the serialised server's batch of 1; later servers only capture CUDA graphs). That happens
+before the untimed warm-up request returns, so the timed load never includes it; the "warm-up (s)"
+column is that first request's wall time.
 
 Every client sends ``--requests`` streaming chat requests one after another (greedy,
 ``max_tokens`` tokens, EOS ignored so every request costs the same); the server runs in this
@@ -90,6 +98,9 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--cache", default="dynamic,static", help="dynamic, static, or both comma-separated (default both)")
     ap.add_argument("--max-len", type=int, default=1024, help="static cache slots per row (default 1024)")
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                    help="static cache: compiled decode step (auto: on CUDA)")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the static step (aot_eager: a CPU check)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
     if args.threads:
@@ -110,17 +121,27 @@ def main() -> None:
     print(f"model: {'tiny random llama' if args.tiny else args.model or 'SmolLM2-135M-Instruct'}, device {device}, "
           f"dtype {next(model.parameters()).dtype}, {args.requests} streaming chat requests per client, "
           f"{args.max_tokens} tokens each (greedy, EOS ignored), threads {torch.get_num_threads()}\n")
-    rows = []
+    compile = {"auto": None, "on": True, "off": False}[args.compile]
+    rows, steps = [], []
     for clients in [int(c) for c in args.clients.split(",")]:
         for cache in caches:
             res = {}
             for name, max_batch in (("batched", args.max_batch), ("serial", 1)):
-                app = create_app(model, tok, model_id="m", max_batch=max_batch, cache=cache, max_len=args.max_len)
+                app = create_app(model, tok, model_id="m", max_batch=max_batch, cache=cache, max_len=args.max_len,
+                                 compile=compile, compile_backend=args.compile_backend)
+                sched = app.state.scheduler
                 with running(app) as url:
-                    load(url, "m", 1, 1, 4)  # warm-up (first forward, allocator)
+                    t0 = time.perf_counter()
+                    load(url, "m", 1, 1, 4)  # warm-up (compiling the static step, first forward, allocator)
+                    warm = time.perf_counter() - t0
+                    before = sched.step_stats
                     res[name] = load(url, "m", clients, args.requests, args.max_tokens)
-                del app
-                print(f"  done: {clients} clients, {cache} cache, {name}: {res[name]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+                    after = sched.step_stats
+                if cache == "static":
+                    steps.append((clients, name, warm, after, {k: after[k] - before.get(k, 0) for k in ("compiled_steps", "eager_steps")}))
+                del app, sched
+                print(f"  done: {clients} clients, {cache} cache, {name}: {res[name]['tok_s']:.1f} tok/s "
+                      f"(warm-up {warm:.1f} s)", file=sys.stderr, flush=True)
             rows.append((clients, cache, res))
     print("| clients | cache | server | requests/s | tokens/s | TTFT p50 (s) | TTFT p90 (s) | wall (s) |")
     print("|---:|---|---|---:|---:|---:|---:|---:|")
@@ -134,6 +155,13 @@ def main() -> None:
     for clients, cache, res in rows:
         b, s = res["batched"], res["serial"]
         print(f"| {clients} | {cache} | {b['tok_s'] / s['tok_s']:.2f}x | {s['ttft_p50'] / b['ttft_p50']:.2f}x |")
+    if steps:
+        print("\n| clients | static server | decode step | warm-up (s) | compile/capture (s) | compiled steps (timed) | eager steps (timed) |")
+        print("|---:|---|---|---:|---:|---:|---:|")
+        for clients, name, warm, st, timed in steps:
+            how = "compiled" if st.get("compiled") else ("eager (compile failed: " + st["compile_fallback"][:60] + ")"
+                                                         if "compile_fallback" in st else "eager")
+            print(f"| {clients} | {name} | {how} | {warm:.1f} | {st.get('warmup_s', 0.0):.1f} | {timed['compiled_steps']} | {timed['eager_steps']} |")
     if len(caches) > 1:
         print("\n| clients | tokens/s static / dynamic (batched) | TTFT p50 dynamic / static (batched) |")
         print("|---:|---:|---:|")

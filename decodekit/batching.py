@@ -165,6 +165,8 @@ class Cohort:
         pm.call("decodekit_generation_start", state=view)
         self.idx = torch.zeros(0, dtype=torch.long)
         self.ghost = torch.zeros(0, dtype=torch.bool)
+        self.has_ghosts = False
+        self.stale = False  # the view lags the shared state by the last commit (no accept hook needed it)
         self.proposal: Proposal | None = None
         self.ended = False
 
@@ -172,6 +174,7 @@ class Cohort:
         """Map the cohort's members to shared rows (ghosts to row 0; their values are frozen)."""
         self.idx = torch.tensor([row_of.get(k, 0) for k in self.keys], dtype=torch.long, device=device)
         self.ghost = torch.tensor([k not in row_of for k in self.keys], dtype=torch.bool, device=device)
+        self.has_ghosts = any(k not in row_of for k in self.keys)  # known on the host: no sync
         self.live_pos = (~self.ghost).nonzero()[:, 0]  # positions in the view of live members
         self.rows = self.idx[self.live_pos]            # their shared rows
 
@@ -182,19 +185,28 @@ class Cohort:
     def refresh(self, st: DecodeState) -> None:
         """Copy the shared state of the cohort's rows into its view (host-sync free)."""
         v, i, g, off = self.view, self.idx, self.ghost, self.offset
-        v.tokens = _keep(v.tokens, st.tokens[i, off:], g, st.pad_token_id)
-        v.valid = _keep(v.valid, st.valid[i, off:], g, False)
-        v.last = _keep(v.last, st.last[i], g)
-        v.committed = _keep(v.committed, st.committed[i], g)
-        v.n_new = _keep(v.n_new, st.n_new[i], g)
-        v.out_tokens = _keep(v.out_tokens, st.out_tokens[i], g)
-        v.finished = st.finished[i] | g
+        self.stale = False
+        if not self.has_ghosts:  # every member is live: plain gathers (this runs per cohort per step)
+            v.tokens, v.valid = st.tokens[i, off:], st.valid[i, off:]
+            v.last, v.committed, v.n_new = st.last[i], st.committed[i], st.n_new[i]
+            v.out_tokens, v.finished = st.out_tokens[i], st.finished[i]
+        else:
+            v.tokens = _keep(v.tokens, st.tokens[i, off:], g, st.pad_token_id)
+            v.valid = _keep(v.valid, st.valid[i, off:], g, False)
+            v.last = _keep(v.last, st.last[i], g)
+            v.committed = _keep(v.committed, st.committed[i], g)
+            v.n_new = _keep(v.n_new, st.n_new[i], g)
+            v.out_tokens = _keep(v.out_tokens, st.out_tokens[i], g)
+            v.finished = st.finished[i] | g
         v.step, v.forward_passes = st.step, st.forward_passes
         if st.accepted is not None:
             v.step_tokens = st.step_tokens[i]
-            v.accepted = st.accepted[i].masked_fill(g, 0)
-            v.rolled_back = st.rolled_back[i].masked_fill(g, 0)
-            v.n_matched = st.n_matched[i].masked_fill(g, 0)
+            if not self.has_ghosts:
+                v.accepted, v.rolled_back, v.n_matched = st.accepted[i], st.rolled_back[i], st.n_matched[i]
+            else:
+                v.accepted = st.accepted[i].masked_fill(g, 0)
+                v.rolled_back = st.rolled_back[i].masked_fill(g, 0)
+                v.n_matched = st.n_matched[i].masked_fill(g, 0)
 
     def end(self) -> None:
         if not self.ended:
@@ -226,10 +238,12 @@ class Batch:
     cohorts: list[Cohort] = field(default_factory=list)
     max_new: torch.Tensor | None = None    # [B] per-row token budget
     eos_on: torch.Tensor | None = None     # [B] per-row stop_at_eos
+    read_upto: torch.Tensor | None = None  # [B] tokens per row that :meth:`poll` has returned
     errors: dict[Hashable, BaseException] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.device = self.model.get_input_embeddings().weight.device
+        self._unread = 0  # the most tokens a row can have committed since the last poll (host-side bound)
         self.eos = _eos_ids(self.model, self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self.pad = int(pad if pad is not None else (self.eos[0] if self.eos else 0))
@@ -309,6 +323,7 @@ class Batch:
         new.state = new._state([s.prompt_ids for s in specs], [s.seed for s in specs], max(s.max_new_tokens for s in specs))
         new.max_new = torch.tensor([s.max_new_tokens for s in specs], dtype=torch.long, device=self.device)
         new.eos_on = torch.tensor([s.strategy.stop_at_eos for s in specs], dtype=torch.bool, device=self.device)
+        new.read_upto = torch.zeros(len(specs), dtype=torch.long, device=self.device)
         new.cache.setup(new.state)
         groups: dict[str, list[int]] = {}
         for r, s in enumerate(specs):
@@ -321,7 +336,8 @@ class Batch:
 
     def _merge(self, new: "Batch") -> None:
         if self.state is None:
-            self.__dict__.update({k: getattr(new, k) for k in ("state", "cache", "keys", "cohorts", "max_new", "eos_on")})
+            self.__dict__.update({k: getattr(new, k) for k in ("state", "cache", "keys", "cohorts", "max_new", "eos_on",
+                                                                "read_upto", "_unread")})
             self.errors.update(new.errors)
             return
         a, b = self.state, new.state
@@ -349,16 +365,26 @@ class Batch:
         a.max_new_tokens = max(a.max_new_tokens, b.max_new_tokens)
         self.max_new = torch.cat([self.max_new, new.max_new])
         self.eos_on = torch.cat([self.eos_on, new.eos_on])
+        self.read_upto = torch.cat([self.read_upto, new.read_upto])
+        self._unread = max(self._unread, new._unread)
         self.keys = self.keys + new.keys
         self.cohorts = self.cohorts + new.cohorts
         self.errors.update(new.errors)
         self._reindex()
+
+    def settle(self) -> None:
+        """Bring views that skipped the accept-time refresh up to date (before rows leave: their
+        ghosts freeze at what the view holds, and ``generation_end`` hooks read it)."""
+        for c in self.cohorts:
+            if c.stale:
+                c.refresh(self.state)
 
     def remove(self, keys: list[Hashable]) -> None:
         """Drop rows (and free their KV cache rows); ending cohorts whose rows are all gone."""
         gone = set(keys) & set(self.keys)
         if not gone:
             return
+        self.settle()
         keep = [r for r, k in enumerate(self.keys) if k not in gone]
         self.keys = [self.keys[r] for r in keep]
         for k in gone:
@@ -374,7 +400,7 @@ class Batch:
             setattr(st, name, getattr(st, name)[i])
         st.prompt_ids = [st.prompt_ids[r] for r in keep]
         st.batch_size = len(keep)
-        self.max_new, self.eos_on = self.max_new[i], self.eos_on[i]
+        self.max_new, self.eos_on, self.read_upto = self.max_new[i], self.eos_on[i], self.read_upto[i]
         self.cache.select(i)
         self._reindex()
         for c in [c for c in self.cohorts if not c.alive]:
@@ -432,6 +458,7 @@ class Batch:
         st.n_proposed = st.n_proposed.masked_fill(st.finished, 0)
         # forward: one model call over every row and every proposed position
         inputs = torch.cat([st.last[:, None], st.proposals], 1)  # [B, T]
+        self._unread += inputs.shape[1]
         st.scores = self.cache.forward(st, inputs).to(dev, torch.float32)  # [B, T, V]
         st.forward_passes += 1
         # process-logits, select, verify: per cohort, batch-first inside it
@@ -472,7 +499,9 @@ class Batch:
             self._rolled_back(rollback)
             for c in self._accept_all():
                 c.view._rollback = None
-        _trim(st)
+            # Only a rollback leaves trailing columns that are holes in every row (finished rows
+            # append holes next to live rows' slots); trimming costs a host sync, so only then.
+            _trim(st)
         self.cache.cache_update(st)
         st.step += 1
         return st
@@ -480,6 +509,10 @@ class Batch:
     def _accept_all(self) -> list[Cohort]:
         done = []
         for c in self.cohorts:
+            if not c.acc:  # no component listens: the view catches up at the next refresh (or settle)
+                c.stale = True
+                done.append(c)
+                continue
             c.refresh(self.state)
             try:
                 _call(c.acc, c.view)
@@ -490,6 +523,30 @@ class Batch:
         return done
 
     # ------------------------------------------------------------------ reading results
+    def poll(self) -> dict[Hashable, tuple[int, list[int], bool]]:
+        """Per live row ``(lo, tokens, finished)``: the row's committed tokens are now those the
+        previous poll left it with, cut to ``lo``, followed by ``tokens`` (a rollback only removes
+        from the end). Reads only the columns the steps since the last poll can have written (at
+        most their widths summed), with ``n_new`` and ``finished``, in one host sync: the server's
+        only one per step."""
+        st = self.state
+        if st is None:
+            return {}
+        U = min(self._unread, st.out_tokens.shape[1])
+        cols = (self.read_upto[:, None] + torch.arange(U, device=self.device)).clamp_(max=st.out_tokens.shape[1] - 1)
+        rows = torch.cat([self.read_upto[:, None], st.n_new[:, None], st.finished[:, None].long(),
+                          st.out_tokens.gather(1, cols)], 1).tolist()
+        self.read_upto = st.n_new.clone()
+        self._unread = 0
+        out = {}
+        for key, (seen, n, fin, *window) in zip(self.keys, rows):
+            if key is None:
+                continue
+            if n - seen > U:  # pragma: no cover - _unread bounds what a row commits between polls
+                raise DecodekitError(f"row {key!r} committed {n - seen} tokens since the last poll, more than the {U} read")
+            out[key] = (min(seen, n), window[: max(n - seen, 0)], bool(fin))
+        return out
+
     def new_tokens(self, since: dict[Hashable, int]) -> dict[Hashable, tuple[int, list[int]]]:
         """Per row ``(lo, tokens[lo:])``: its new tokens from index ``lo`` on, where ``lo`` is at most
         ``since[key]`` (tokens the caller already holds) and no earlier token can have changed since

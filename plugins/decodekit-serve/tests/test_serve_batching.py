@@ -37,9 +37,10 @@ class Driver:
 
     def read(self):
         b = self.b
-        out = b.new_tokens({k: len(self.got.get(k, [])) for k in b.keys})
-        for k, (lo, toks) in out.items():
+        out = b.poll()
+        for k, (lo, toks, fin) in out.items():
             self.got[k] = self.got.get(k, [])[:lo] + toks
+            assert fin == bool(b.state.finished[b.keys.index(k)])
         # The invariant: one KV row per live row, KV length == slots (committed minus each row's last).
         layers = b.cache._layers()
         assert layers[0].keys.shape[0] == len(b) == b.state.batch_size

@@ -174,3 +174,36 @@ def test_serve_static_request_that_cannot_fit_is_a_4xx_before_any_compute(served
         body = c.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                                                     "decodekit": {"stop_at_eos": False}}).json()
     assert body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] == MAX_LEN
+
+
+def test_serve_static_compiled_step_compiles_before_serving_and_matches_transformers():
+    """The server with the compiled static step (traced on CPU with the aot_eager backend): the step
+    is compiled when the server starts, before any request; concurrent streaming requests that
+    join while others decode get exactly transformers' greedy, and every decode step ran compiled."""
+    model, tok = tiny_model(), tiny_tokenizer()
+    app = create_app(model, tok, model_id=MODEL, max_batch=4, cache="static", max_len=64, compile=True,
+                     compile_backend="aot_eager")
+    sched = app.state.scheduler
+    prompts, maxes = ["the cat and", "a", "in the end it is on", "hello there the one", "on and on"], [30, 12, 20, 9, 25]
+    results: dict[int, str] = {}
+
+    def one(i):
+        body = {"model": MODEL, "prompt": prompts[i], "max_tokens": maxes[i], "stream": True}
+        with httpx.Client(base_url=url, timeout=60) as c, c.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200, r.read()
+            results[i] = sse_text(r)
+
+    with running(app) as url:
+        assert wait_until(lambda: sched.step_stats["warmup_s"] > 0), "the step was not compiled at start"
+        assert sched.stats["joined"] == 0
+        threads = []
+        for i in range(len(prompts)):  # five requests, four batch slots: the fifth waits for a free one
+            threads.append(threading.Thread(target=one, args=(i,)))
+            threads[-1].start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join(60)
+    for i, p in enumerate(prompts):
+        assert results[i] == text(tok, hf(model, tok(p)["input_ids"], maxes[i])), i
+    stats = sched.step_stats
+    assert stats["compiled"] and stats["compiled_steps"] > 0 and stats["eager_steps"] == 0, stats

@@ -16,6 +16,9 @@ from decodekit.testing import tiny_model, tiny_tokenizer
 from decodekit_kvcache.layout import kv_bytes, layout_from_config
 from decodekit_serve.static import StaticBatch
 
+# The eager step, and the compiled step (the CUDA default) traced on CPU with torch.compile's
+# aot_eager backend: the same graph capture, fixed shapes and buffers, no code generation.
+MODES = {"eager": {}, "compiled": {"compile": True, "compile_backend": "aot_eager"}}
 PROMPTS = ["the cat and", "hello there the one", "a", "in the end it is on", "on and on", "it is the", "at the end"]
 MAXES = [9, 5, 12, 8, 6, 10, 7]
 
@@ -39,9 +42,11 @@ class Driver:
 
     def read(self):
         b = self.b
-        out = b.new_tokens({k: len(self.got.get(k, [])) for k in b.keys if k is not None})
-        for k, (lo, toks) in out.items():
+        out = b.poll()  # the scheduler's one read per step
+        for k, (lo, toks, fin) in out.items():
             self.got[k] = self.got.get(k, [])[:lo] + toks
+            assert fin == bool(b.state.finished[b.keys.index(k)])
+        assert set(out) == {k for k in b.keys if k is not None}
         st = b.state
         live = torch.tensor([k is not None for k in b.keys])
         # The core's invariant on live rows: valid slots == committed minus the last; free slots hold none.
@@ -69,19 +74,27 @@ class Driver:
         while len(self.b):
             self.step()
 
+    def check_mode(self, mode):
+        stats = self.b.cache.stats
+        if mode == "compiled":  # every decode step ran compiled (prefills are eager, in their own batch)
+            assert stats["compiled_steps"] > 0 and stats["eager_steps"] == 0 and "compile_fallback" not in stats, stats
+        else:
+            assert stats["compiled_steps"] == 0 and stats["eager_steps"] > 0, stats
+
 
 def spec(tok, key, strategy=None, seed=0, max_new=None):
     return RowSpec(key, tok(PROMPTS[key % len(PROMPTS)])["input_ids"], strategy or Strategy(),
                    max_new or MAXES[key % len(MAXES)], row_seed(seed))
 
 
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("arch", ["llama", "mistral", "gemma3"])
-def test_serve_static_staggered_joins_reuse_slots_and_compact(arch):
+def test_serve_static_staggered_joins_reuse_slots_and_compact(arch, mode):
     """Eight requests through three batch slots with max_len=18: rows join while others decode,
     freed slots are reused, the columns run out and compact; every row equals transformers' greedy
     (mistral/gemma3: sliding window 8, crossed by every row)."""
     model, tok = tiny_model(arch), tiny_tokenizer()
-    d = Driver(model, tok, max_batch=3, max_len=18)
+    d = Driver(model, tok, max_batch=3, max_len=18, **MODES[mode])
     with torch.inference_mode():
         d.join([spec(tok, 0)])
         d.step(2)
@@ -98,6 +111,7 @@ def test_serve_static_staggered_joins_reuse_slots_and_compact(arch):
     assert d.b.compactions >= 1, "the columns never ran out: the test does not exercise compaction"
     assert set(d.slots.values()) == {0, 1, 2} and len(d.slots) == 8  # slots were reused
     assert len(d.b) == 0 and d.b.state.n_slots == 0
+    d.check_mode(mode)
 
 
 def _need(*names):
@@ -106,8 +120,9 @@ def _need(*names):
         pytest.skip(f"needs components {missing} (decodekit-samplers / decodekit-speculative)")
 
 
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_serve_static_mixed_strategies_match_solo_generate(arch):
+def test_serve_static_mixed_strategies_match_solo_generate(arch, mode):
     """Seeded sampling, a stateful penalty, a PromptLookup drafter (T = 1 + k, ragged acceptance)
     and greedy rows in one static batch, joining at different steps, with compaction: each row
     decodes exactly what it decodes alone."""
@@ -119,7 +134,7 @@ def test_serve_static_mixed_strategies_match_solo_generate(arch):
     lookup = Strategy.from_dict({"drafter": {"name": "PromptLookup", "ngram": 2, "k": 3}})
     rows = {"s1": ("the cat and", sampled, 11), "s2": ("a", sampled, 7), "p": ("on and on", penalised, 8),
             "g": ("hello", Strategy(), 8), "d": ("the cat and the cat and the cat and", lookup, 0)}
-    d = Driver(model, tok, max_batch=4, max_len=34)
+    d = Driver(model, tok, max_batch=4, max_len=34, **MODES[mode])
 
     def row(k):
         prompt, strategy, seed = rows[k]
@@ -142,6 +157,7 @@ def test_serve_static_mixed_strategies_match_solo_generate(arch):
     assert d.widest > 1, "PromptLookup never proposed: ragged verification not exercised"
     assert d.got["s1"] != d.got["g"]  # sampling really happened
     assert d.b.compactions >= 1
+    d.check_mode(mode)
 
 
 def test_serve_static_memory_is_preallocated_and_requests_that_cannot_fit_are_refused():
@@ -160,8 +176,9 @@ def test_serve_static_memory_is_preallocated_and_requests_that_cannot_fit_are_re
         assert b.keys.count(None) == 2
 
 
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_serve_static_rollback_rows_match_solo_generate(arch):
+def test_serve_static_rollback_rows_match_solo_generate(arch, mode):
     """BannedWords in rollback mode un-commits tokens (request_rollback) next to a greedy row:
     the static batch (rings on gemma3) decodes what a solo generate with a deep enough cache does."""
     _need("BannedWords")
@@ -169,7 +186,7 @@ def test_serve_static_rollback_rows_match_solo_generate(arch):
     plain = decodekit.generate(model, tok, "the cat and", Strategy(), max_new_tokens=14).texts[0]
     word = plain.strip()[:3]  # a piece of what greedy writes: the ban must roll it back
     banned = [{"name": "BannedWords", "words": [word], "mode": "rollback"}]
-    d = Driver(model, tok, max_batch=3, max_len=40, max_depth=16)
+    d = Driver(model, tok, max_batch=3, max_len=40, max_depth=16, **MODES[mode])
     with torch.inference_mode():
         d.join([RowSpec("g", tok("hello there")["input_ids"], Strategy(), 14, 0)])
         d.step(2)
@@ -180,3 +197,30 @@ def test_serve_static_rollback_rows_match_solo_generate(arch):
     assert solo.texts[0] != plain and word not in solo.texts[0]  # the ban really acted
     assert d.got["b"] == solo.token_ids[0]
     assert d.got["g"] == hf_greedy(model, tok, "hello there", 14)
+    d.check_mode(mode)
+
+
+def test_serve_static_compile_error_falls_back_to_the_eager_step():
+    """A compiler that fails (here a torch.compile backend that raises, as Inductor's codegen once did
+    on an H200) costs no request: the static step falls back to the eager forward, says so in its
+    stats and a warning, and every row still equals transformers' greedy."""
+    import torch._dynamo
+
+    name = "decodekit_test_broken"
+    if name not in torch._dynamo.list_backends(exclude_tags=()):
+        def broken(gm, example_inputs):
+            raise RuntimeError("code generation failed (a test backend)")
+
+        torch._dynamo.register_backend(broken, name)
+    model, tok = tiny_model(), tiny_tokenizer()
+    d = Driver(model, tok, max_batch=3, max_len=30, compile=True, compile_backend=name)
+    with torch.inference_mode(), pytest.warns(RuntimeWarning, match="eager"):
+        d.join([spec(tok, 0), spec(tok, 1)])
+        d.step(2)
+        d.join([spec(tok, 2)])
+        d.drain()
+    for key in range(3):
+        assert d.got[key] == hf_greedy(model, tok, PROMPTS[key], MAXES[key]), f"row {key}"
+    stats = d.b.cache.stats
+    assert not stats["compiled"] and "code generation failed" in stats["compile_fallback"]
+    assert stats["compiled_steps"] == 0 and stats["eager_steps"] > 0

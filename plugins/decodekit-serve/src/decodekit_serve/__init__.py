@@ -38,10 +38,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.max_len is not None and args.max_len < 2:
         raise DecodekitError(f"--max-len must be >= 2, got {args.max_len}")
     app = create_app(model, tok, model_id=model_id, max_batch=args.max_batch, cache=args.cache, max_len=args.max_len,
-                     max_depth=args.max_depth)
+                     max_depth=args.max_depth, compile=args.compile)
     sched = app.state.scheduler
     cache = sched.cache if sched.cache == "dynamic" else (
-        f"static, {sched.max_len} slots per row, {sched.batch.cache.allocated_bytes() / 2**20:.0f} MiB KV")
+        f"static, {sched.max_len} slots per row, {sched.batch.cache.allocated_bytes() / 2**20:.0f} MiB KV, "
+        + ("compiled step (compiles before serving)" if sched.step_stats.get("compiled") else "eager step"))
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     print(f"decodekit serve: {model_id!r} on http://{host}:{port}/v1 (max batch {args.max_batch}, {cache} cache)", file=sys.stderr)
@@ -64,6 +65,8 @@ def decodekit_register_commands(subparsers) -> None:
                    help="static cache: slots per row; prompt + max_tokens must fit (default: the context, at most 2048)")
     p.add_argument("--max-depth", type=int, default=16,
                    help="static cache, sliding-window models: proposals + rollback a step may write ahead (default 16)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="static cache: run the decode forward as a compiled step with CUDA graphs (default: on CUDA)")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     p.add_argument("--device", default=None, help="cpu, cuda, auto")
     p.add_argument("--log-level", default="info")

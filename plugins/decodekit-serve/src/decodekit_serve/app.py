@@ -40,25 +40,23 @@ def resolve_cache(cache: str, model: Any) -> str:
     return cache
 
 
-def proposals_of(strategy: Any) -> int:
-    drafter = strategy.resolved()[3]
-    return int(drafter.max_proposals()) if drafter is not None else 0
-
-
 def create_app(model: Any, tokenizer: Any, *, model_id: str = "decodekit", max_batch: int = 16, cache: str = "auto",
-               max_len: int | None = None, max_depth: int = 16) -> FastAPI:
+               max_len: int | None = None, max_depth: int = 16, compile: bool | None = None,
+               compile_backend: str = "inductor") -> FastAPI:
     """An app serving ``model`` under the name ``model_id``; its scheduler thread starts and stops
     with the app's lifespan (``app.state.scheduler``).
 
     ``cache``: ``"dynamic"`` (a growing KV cache), ``"static"`` (rows in fixed batch slots of a
     preallocated ``[max_batch, H_kv, max_len, D]`` store per layer; ``max_len`` defaults to the
-    model's context, at most 2048) or ``"auto"`` (static on CUDA, dynamic elsewhere)."""
+    model's context, at most 2048) or ``"auto"`` (static on CUDA, dynamic elsewhere).
+    ``compile`` (static cache): run the decode forward as a compiled step (CUDA graphs); ``None``:
+    on CUDA only. It is compiled when the app starts, before the first request."""
     ctx = context_length(model)
     cache = resolve_cache(cache, model)
     if cache == "static" and max_len is None:
         max_len = min(ctx or DEFAULT_STATIC_LEN, DEFAULT_STATIC_LEN)
     scheduler = Scheduler(model, tokenizer, max_batch=max_batch, cache=cache, max_len=max_len or DEFAULT_STATIC_LEN,
-                          max_depth=max_depth)
+                          max_depth=max_depth, compile=compile, compile_backend=compile_backend)
     cfg = model.config
     vocab = int(getattr(getattr(cfg, "get_text_config", lambda: cfg)(), "vocab_size", None) or len(tokenizer))
 
@@ -118,7 +116,7 @@ def create_app(model: Any, tokenizer: Any, *, model_id: str = "decodekit", max_b
         if scheduler.cache == "static":
             # The static cache has max_len slots per row: a default max_tokens shrinks to fit it,
             # an explicit one that cannot fit is refused here, before any compute.
-            k = proposals_of(strategy)
+            k = scheduler.batch.proposal_slots(strategy)  # a compiled step pads proposals to its width
             if max_tokens is None:
                 max_new = max(1, min(max_new, scheduler.max_len - len(ids) - k))
             try:

@@ -5,13 +5,19 @@ scheduler admits queued jobs (up to ``max_batch`` rows), drops cancelled ones (t
 and finished ones, which frees their KV-cache rows (:class:`decodekit.batching.Batch`). Each step's
 committed tokens are detokenised per job and handed back to the event loop as events.
 ``max_batch=1`` serialises requests: the baseline the benchmark compares against. ``cache="static"``
-keeps the rows in fixed batch slots of one preallocated KV store (:mod:`decodekit_serve.static`).
+keeps the rows in fixed batch slots of one preallocated KV store (:mod:`decodekit_serve.static`),
+whose decode forward runs compiled on CUDA (compiled once, when the thread starts).
+
+Per step the scheduler reads the batch once (:meth:`~decodekit.batching.Batch.poll`: the new
+tokens, counts and finished flags in one host sync) and detokenises only each row's new tokens
+(:class:`IncrementalText`), so a step's host work does not grow with the length of the outputs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -24,6 +30,8 @@ from decodekit.batching import Batch, RowSpec, row_seed
 from decodekit.errors import DecodekitError
 from decodekit.strategy import Strategy
 
+log = logging.getLogger("decodekit.serve")
+
 
 def safe_prefix(text: str, stops: list[str]) -> int:
     """How much of ``text`` can be sent now: hold back a partial UTF-8 character (decoded as
@@ -35,6 +43,43 @@ def safe_prefix(text: str, stops: list[str]) -> int:
                 end -= n
                 break
     return end
+
+
+class IncrementalText:
+    """The text of a growing token list, decoding only its last few tokens per update.
+
+    The scheme of transformers' ``TextStreamer`` and vLLM's detokenizer: ``tokens[:q]`` are settled
+    (their text ``settled`` will not change) and ``p < q`` starts a little context before them;
+    the text is ``settled + decode(tokens[p:])[len(decode(tokens[p:q])):]``. Decoding from ``p``
+    rather than ``q`` keeps what a decode does at its start (SentencePiece drops a leading space)
+    out of the new text; a tail that ends in a partial UTF-8 character (U+FFFD) is not settled, so
+    the character is decoded whole once its last byte arrives. A rollback below ``q`` restarts.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.text = ""
+        self.p = self.q = 0
+        self.settled = ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
+    def update(self, tokens: list[int], lo: int) -> str:
+        """``tokens`` is the whole list; tokens before ``lo`` are those of the previous update."""
+        if lo < self.q:  # a rollback reached settled tokens
+            self.p = self.q = 0
+            self.settled = ""
+        head = self._decode(tokens[self.p:self.q])
+        full = self._decode(tokens[self.p:])
+        if not full.startswith(head):  # pragma: no cover - a decoder that rewrites earlier text: decode it all
+            self.p = self.q = 0
+            self.settled, full, head = "", self._decode(tokens), ""
+        tail = full[len(head):]
+        self.text = self.settled + tail
+        if tail and not tail.endswith("\ufffd"):
+            self.p, self.q, self.settled = self.q, len(tokens), self.text
+        return self.text
 
 
 @dataclass
@@ -53,6 +98,8 @@ class Job:
     # --- written by the scheduler thread
     tokens: list[int] = field(default_factory=list)
     sent: int = 0                  # characters of text already sent
+    detok: IncrementalText | None = None
+    searched: int = 0              # characters of text already searched for stop strings
     done: bool = False
     cancelled: bool = False        # set by the server (client gone); read by the scheduler
     submitted: float = field(default_factory=time.perf_counter)
@@ -69,13 +116,15 @@ class Scheduler:
     """Owns the model; runs :meth:`_loop` in a daemon thread."""
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 16, cache: str = "dynamic",
-                 max_len: int = 2048, max_depth: int = 16) -> None:
+                 max_len: int = 2048, max_depth: int = 16, compile: bool | None = None,
+                 compile_backend: str = "inductor") -> None:
         if max_batch < 1:
             raise DecodekitError(f"max_batch must be >= 1, got {max_batch}")
         if cache not in ("dynamic", "static"):
             raise DecodekitError(f"cache must be 'dynamic' or 'static', got {cache!r}")
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.cache, self.max_len, self.max_depth = cache, max_len, max_depth
+        self.compile, self.compile_backend = compile, compile_backend
         self.batch = self._new_batch()
         self.jobs: dict[int, Job] = {}          # jobs in the batch, by key
         self.pending: queue.Queue[Job] = queue.Queue()
@@ -105,7 +154,8 @@ class Scheduler:
         if self.cache == "static":
             from decodekit_serve.static import StaticBatch
 
-            return StaticBatch(self.model, self.tokenizer, max_batch=self.max_batch, max_len=self.max_len, max_depth=self.max_depth)
+            return StaticBatch(self.model, self.tokenizer, max_batch=self.max_batch, max_len=self.max_len, max_depth=self.max_depth,
+                               compile=self.compile, compile_backend=self.compile_backend)
         return Batch(self.model, self.tokenizer)
 
     def check_fit(self, n_prompt: int, max_new_tokens: int, strategy: Strategy) -> None:
@@ -115,9 +165,30 @@ class Scheduler:
         if check is not None:
             check(n_prompt, max_new_tokens, strategy)
 
+    @property
+    def step_stats(self) -> dict[str, Any]:
+        """The static cache's compiled-step figures (``compiled``, ``compiled_steps``, ``eager_steps``,
+        ``warmup_s``, ``compile_fallback``); empty for the dynamic cache."""
+        return dict(getattr(self.batch.cache, "stats", {})) if self.batch is not None else {}
+
     # ------------------------------------------------------------------ the thread
+    def _warmup(self) -> None:
+        """Compile the static cache's decode step before the first request, in this thread and
+        autograd mode (the compiled code is guarded on both)."""
+        warm = getattr(self.batch, "warmup", None)
+        if warm is None:
+            return
+        try:
+            seconds = warm()
+        except Exception as e:  # the first request will meet (and report) the same failure
+            log.warning("decodekit serve: warming up the static decode step failed: %s: %s", type(e).__name__, e)
+            return
+        if seconds:
+            log.info("decodekit serve: static decode step compiled in %.1f s", seconds)
+
     def _loop(self) -> None:
         with torch.inference_mode():
+            self._warmup()
             while not self._stop.is_set():
                 self._admit()
                 self._leave([k for k, j in self.jobs.items() if j.cancelled], "cancelled")
@@ -167,28 +238,33 @@ class Scheduler:
             self._publish()
 
     def _publish(self) -> None:
-        """Detokenise what each row committed, send text deltas, and let finished rows leave."""
+        """Detokenise what each row committed, send text deltas, and let finished rows leave
+        (one host sync: :meth:`~decodekit.batching.Batch.poll`)."""
         b = self.batch
-        out = b.new_tokens({k: len(self.jobs[k].tokens) for k in b.keys if k is not None})
-        finished = dict(zip(b.keys, b.state.finished.tolist()))
         leave: list[int] = []
         now = time.perf_counter()
-        for key, (lo, toks) in out.items():
+        for key, (lo, toks, finished) in b.poll().items():
             job = self.jobs[key]
             if key in b.errors:
                 self._finish(job, error=b.errors[key])
                 leave.append(key)
                 continue
+            if lo == len(job.tokens) and not toks and not finished:
+                continue  # nothing new (a row that only waited): its text is unchanged
+            if lo < len(job.tokens):  # a rollback: text already searched may have changed
+                job.searched = 0
             job.tokens = job.tokens[:lo] + toks
             if job.tokens and job.first_token is None:
                 job.first_token = now
-            text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
-            hit = min((i for i in (text.find(s) for s in job.stops) if i >= 0), default=-1)
+            if job.detok is None:
+                job.detok = IncrementalText(self.tokenizer)
+            text = job.detok.update(job.tokens, lo)
+            hit = self._find_stop(job, text)
             if hit >= 0:
                 self._send(job, text[:hit], final=True)
                 self._finish(job, reason="stop")
                 leave.append(key)
-            elif finished[key]:
+            elif finished:
                 self._send(job, text, final=True)
                 at_length = len(job.tokens) >= job.max_new_tokens
                 self._finish(job, reason="length" if at_length else "stop")
@@ -196,6 +272,17 @@ class Scheduler:
             else:
                 self._send(job, text, final=False)
         self._leave(leave, None)
+
+    @staticmethod
+    def _find_stop(job: Job, text: str) -> int:
+        """The first stop string in ``text`` (-1: none); text already searched is searched again
+        only where a stop string could straddle the old end."""
+        if not job.stops:
+            return -1
+        start = max(0, min(job.searched, len(text)) - max(len(s) for s in job.stops) + 1)
+        hit = min((i for i in (text.find(s, start) for s in job.stops) if i >= 0), default=-1)
+        job.searched = len(job.detok.settled)  # the unsettled tail may still change: search it again
+        return hit
 
     def _send(self, job: Job, text: str, final: bool) -> None:
         end = len(text) if final else safe_prefix(text, job.stops)

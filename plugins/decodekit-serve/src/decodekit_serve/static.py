@@ -21,10 +21,24 @@ the core's commit and verify) over a :class:`StaticBatchCache` allocated once:
 The forward runs over all ``max_batch`` rows when ``shape_stable`` (a fixed shape, what a CUDA graph
 needs; the default on CUDA), else over the occupied prefix of batch slots (the lowest free slot is
 taken first), which on a CPU costs what the live rows cost.
+
+**Compiled step** (``compile``, the default on CUDA): the decode forward runs as decodekit-kvcache's
+compiled step (``torch.compile(mode="reduce-overhead")``, CUDA graphs), the same unit
+:class:`~decodekit_kvcache.StaticCache` compiles, with every shape fixed: ``max_batch`` rows, the
+whole ``max_len`` columns attended under a mask (``[max_batch, max_len]``, a buffer at a static
+address, refreshed from the slot buffer before each step), the first written slot a 0-dim tensor,
+and the step's width bucketed to a power of two (1 without drafters). One graph per width, compiled
+once per process, so joins, leaves and compactions never recompile. The processors and the sampler
+run after it, eagerly, per cohort: each request brings its own strategy and parameters, and a graph
+that contained them would be specialised (recompiled) per temperature, top-p or penalty value. A
+compiler error falls back to the eager forward (``stats["compile_fallback"]`` says why).
 """
 
 from __future__ import annotations
 
+import logging
+import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Hashable
 
@@ -38,10 +52,12 @@ from decodekit.loop import _trim
 from decodekit.state import DecodeState
 from decodekit.strategy import Strategy
 from decodekit_kvcache import DynamicCache as KVDynamicCache
+from decodekit_kvcache.caches import _CompileFailed, _is_compile_error, _step_fn, bucket
 from decodekit_kvcache.layout import FULL, kv_bytes, layout_from_config
 from decodekit_kvcache.store import KVStore, run_model
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+log = logging.getLogger("decodekit.serve")
 
 
 def proposals_of(strategy: Strategy) -> int:
@@ -64,6 +80,8 @@ class StaticBatchCache(Cache):
         "(drafter proposals + rollback); the rings keep the window plus this many",
     )
     shape_stable: bool | None = Field(None, description="forward over all max_batch rows every step; None: on CUDA only")
+    compile: bool | None = Field(None, description="run the decode forward as a compiled step (implies shape_stable); None: on CUDA only")
+    compile_backend: str = Field("inductor", description="torch.compile backend ('eager'/'aot_eager' check tracing without codegen)")
 
     def setup(self, state: DecodeState) -> None:
         model = state.model
@@ -85,7 +103,22 @@ class StaticBatchCache(Cache):
         if layout.window:
             store.ring_pos = torch.full((B, ring + 1), -1, dtype=torch.long, device=state.device)
         self._store = store
-        self._stable = state.device.type == "cuda" if self.shape_stable is None else self.shape_stable
+        on_cuda = state.device.type == "cuda"
+        self._compiled = on_cuda if self.compile is None else self.compile
+        if self._compiled and self.shape_stable is False:
+            raise DecodekitError("the compiled static step needs fixed shapes: drop shape_stable=False or set compile=False")
+        self._stable = self._compiled or (on_cuda if self.shape_stable is None else self.shape_stable)
+        self._stats: dict[str, Any] = {"compiled": self._compiled, "compiled_steps": 0, "eager_steps": 0, "warmup_s": 0.0}
+        if self._compiled:
+            # The compiled step's inputs that change every step live at fixed addresses (CUDA graphs
+            # replay on them): the attention mask over all max_len columns and the first slot written.
+            self._kvalid = torch.zeros(B, self.max_len, dtype=torch.bool, device=state.device)
+            self._kv_hi = 0  # columns of _kvalid at or beyond this are False
+            self._start = torch.zeros((), dtype=torch.long, device=state.device)
+            for t in (self._kvalid, self._start) + ((store.ring_pos,) if store.ring_pos is not None else ()):
+                torch._dynamo.mark_static_address(t)
+            self._warm: set[int] = set()
+            self._qvalid: dict[tuple[int, int], torch.Tensor] = {}
         self._views: dict[int, KVStore] = {}
         self._seen = 0
         self._active = 0  # batch slots [0, active) hold every live row
@@ -97,6 +130,17 @@ class StaticBatchCache(Cache):
 
     def allocated_bytes(self) -> int:
         return self._store.allocated_bytes() if hasattr(self, "_store") else 0
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """``compiled`` (the compiled step is on), ``compiled_steps``/``eager_steps`` run, ``warmup_s``
+        (first compiled call per step width: compile or CUDA-graph capture) and, after a compiler
+        error, ``compile_fallback`` (why the forward runs eagerly)."""
+        return self._stats
+
+    def step_width(self, T: int) -> int:
+        """Slots a step with ``T`` inputs writes per row: the compiled step pads to a power of two."""
+        return bucket(T) if self._compiled else T
 
     def estimate_bytes(self, dtype_bytes: int) -> int:
         """What decodekit-kvcache's ``kv_bytes`` predicts for this store (``decodekit memory``)."""
@@ -121,10 +165,72 @@ class StaticBatchCache(Cache):
     def forward(self, state: DecodeState, inputs: torch.Tensor) -> torch.Tensor:
         """Decode ``inputs`` ``[B, T]`` (``last`` + proposals) at slots ``seen .. seen+T-1`` of every
         row; returns ``[B, T, V]`` logits (zeros for batch slots beyond the occupied prefix)."""
+        if self._seen != state.n_slots:
+            raise DecodekitError(f"static server cache out of step: it holds {self._seen} slots, the batch has {state.n_slots}")
+        if self._compiled:
+            try:
+                return self._compiled_forward(state, inputs)
+            except _CompileFailed as e:
+                self._fall_back(e)
+        return self._eager_forward(state, inputs)
+
+    def _compiled_forward(self, state: DecodeState, inputs: torch.Tensor) -> torch.Tensor:
+        """The forward as decodekit-kvcache's compiled step: every shape fixed (see the module doc);
+        no host sync."""
+        B, T = inputs.shape
+        seen, Tb = self._seen, bucket(T)
+        if seen + Tb > self.max_len:  # pragma: no cover - StaticBatch._make_room compacts before this
+            raise DecodekitError(f"static server cache overflow: {seen} slots + a step of {Tb} exceed max_len={self.max_len}")
+        if Tb > T:  # bucket padding: copies of the last input, marked invalid (they attend only to themselves)
+            inputs = torch.cat([inputs, inputs[:, -1:].expand(B, Tb - T)], 1)
+        qvalid = self._qvalid.get((Tb, T))
+        if qvalid is None:
+            qvalid = self._qvalid[(Tb, T)] = (torch.arange(Tb, device=inputs.device) < T).expand(B, Tb).contiguous()
+        # The mask buffer mirrors the slot buffer; columns from ``seen`` on hold no committed token.
+        kv = self._kvalid
+        if seen:
+            kv[:, :seen].copy_(state.valid)
+        if self._kv_hi > seen:
+            kv[:, seen:self._kv_hi].fill_(False)
+        self._kv_hi = seen
+        self._start.fill_(seen)
+        fn = _step_fn(B, Tb, self.compile_backend)
+        first = Tb not in self._warm
+        t0 = time.perf_counter()
+        torch.compiler.cudagraph_mark_step_begin()
+        try:
+            scores, _ = fn(state.model, self._store, _no_processors, _SCORES, _StepIn(state.committed), inputs, qvalid, kv, self._start)
+        except Exception as e:
+            # Compiling happens before the step runs, so a compiler error leaves the cache as it was.
+            if not _is_compile_error(e):
+                raise
+            raise _CompileFailed(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
+        if first:
+            if inputs.device.type == "cuda":
+                torch.cuda.synchronize(inputs.device)
+            self._warm.add(Tb)
+            self._stats["warmup_s"] += time.perf_counter() - t0
+            log.info("static serve step: width %d ready in %.1f s (compile or CUDA-graph capture)", Tb, time.perf_counter() - t0)
+        self._stats["compiled_steps"] += 1
+        if self._layout.window:  # the newest real position each row wrote (padding never lands in a ring)
+            torch.maximum(self._high, state.committed + (T - 2), out=self._high)
+        self._seen = seen + T
+        # Graph outputs are overwritten by the next replay: keep a copy, without the bucket padding.
+        return scores[:, :T].clone()
+
+    def _fall_back(self, e: _CompileFailed) -> None:
+        self._compiled = False
+        self._stats["compiled"] = False
+        self._stats["compile_fallback"] = str(e)
+        msg = (f"decodekit serve: compiling the static cache's decode step failed ({e}); continuing with the eager "
+               "forward (correct, slower). Serve with --no-compile to skip the attempt.")
+        log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+    def _eager_forward(self, state: DecodeState, inputs: torch.Tensor) -> torch.Tensor:
         B, T = inputs.shape
         seen = self._seen
-        if seen != state.n_slots:
-            raise DecodekitError(f"static server cache out of step: it holds {seen} slots, the batch has {state.n_slots}")
+        self._stats["eager_steps"] += 1
         n = B if self._stable else self._active
         store = self._rows(n)
         store.kv_len = seen + T
@@ -188,6 +294,29 @@ class StaticBatchCache(Cache):
             )
 
 
+def _no_processors(state: Any) -> None:
+    """The compiled step's ``process``: the server's processors run per cohort, after it."""
+
+
+class _Scores:
+    """The compiled step's ``sampler``: it hands back the float32 logits ``[B, T, V]``."""
+
+    def sample(self, state: Any) -> tuple[torch.Tensor, None]:
+        return state.scores, None
+
+
+_SCORES = _Scores()
+
+
+class _StepIn:
+    """What the compiled step reads of the batch (``committed`` [B]) and writes (``scores``): a
+    small object, so the compiled code is guarded on one tensor rather than on the whole state."""
+
+    def __init__(self, committed: torch.Tensor) -> None:
+        self.committed = committed
+        self.scores: torch.Tensor | None = None
+
+
 @dataclass
 class StaticBatch(Batch):
     """A :class:`~decodekit.batching.Batch` whose rows live in fixed batch slots of a
@@ -197,11 +326,14 @@ class StaticBatch(Batch):
     max_len: int = 2048
     max_depth: int = 16
     shape_stable: bool | None = None
+    compile: bool | None = None
+    compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.cache = StaticBatchCache(max_batch=self.max_batch, max_len=self.max_len, max_depth=self.max_depth,
-                                      shape_stable=self.shape_stable)
+                                      shape_stable=self.shape_stable, compile=self.compile,
+                                      compile_backend=self.compile_backend)
         self.state = self._idle_state()
         self.cache.setup(self.state)
         self.keys = [None] * self.max_batch
@@ -225,13 +357,33 @@ class StaticBatch(Batch):
         st.accepted, st.rolled_back, st.n_matched = zeros.clone(), zeros.clone(), zeros.clone()
         self.max_new = zeros + 1
         self.eos_on = torch.ones(B, dtype=torch.bool, device=dev)
+        self.read_upto = zeros.clone()
         return st
 
+    def warmup(self) -> float:
+        """Compile (or capture) the plain decode step now, on the idle batch, rather than on the first
+        request; returns the seconds it took (0 without the compiled step). Call it in the thread and
+        autograd mode that will step the batch (the compiled code is guarded on them)."""
+        cache = self.cache
+        if not cache._compiled or 1 in cache._warm:
+            return 0.0
+        t0 = time.perf_counter()
+        st = self.state
+        # Every row is a free slot: its query attends only to itself, its writes are never read.
+        cache.forward(st, st.last[:, None])
+        cache.cache_update(st)
+        return time.perf_counter() - t0
+
     # ------------------------------------------------------------------ admission
+    def proposal_slots(self, strategy: Strategy) -> int:
+        """Slots beyond the first that one step of ``strategy`` writes per row (drafter proposals,
+        padded to the compiled step's width)."""
+        return self.cache.step_width(1 + proposals_of(strategy)) - 1
+
     def check_fit(self, n_prompt: int, max_new_tokens: int, strategy: Strategy) -> None:
         """Raise (before any compute) if a request cannot fit a batch slot: its prompt, its
         ``max_new_tokens`` and one step's proposals must fit ``max_len`` slots."""
-        k = proposals_of(strategy)
+        k = self.proposal_slots(strategy)
         need = n_prompt + max_new_tokens + k
         if need > self.max_len:
             extra = f" + {k} proposal slots" if k else ""
@@ -239,6 +391,7 @@ class StaticBatch(Batch):
                 f"prompt ({n_prompt} tokens) + max_tokens ({max_new_tokens}){extra} need {need} slots; the server's static "
                 f"KV cache holds {self.max_len} per row (--max-len): lower max_tokens or shorten the prompt"
             )
+        k = proposals_of(strategy)  # bucket padding never lands in a ring: only real proposals count here
         if self.cache._layout.window and k > self.max_depth:
             raise DecodekitError(
                 f"the drafter proposes {k} tokens per step; the static cache's sliding layers keep {self.max_depth} beyond "
@@ -286,6 +439,8 @@ class StaticBatch(Batch):
         st.max_new_tokens = max(st.max_new_tokens, b.max_new_tokens)
         self.max_new = self.max_new.index_copy(0, rows, new.max_new)
         self.eos_on = self.eos_on.index_copy(0, rows, new.eos_on)
+        self.read_upto = self.read_upto.index_copy(0, rows, new.read_upto)
+        self._unread = max(self._unread, new._unread)
         # KV: only the joiners' entries are written (with the newest position each prefill wrote).
         self.cache.write_rows(rows, new.cache._store, col, w, new.cache._high)
         self.cache._seen = W
@@ -302,6 +457,7 @@ class StaticBatch(Batch):
         gone = set(keys) & {k for k in self.keys if k is not None}
         if not gone:
             return
+        self.settle()
         rows = [r for r, k in enumerate(self.keys) if k in gone]
         for r in rows:
             self.keys[r] = None
@@ -327,7 +483,7 @@ class StaticBatch(Batch):
         slots are gathered to the right end of ``[0, width)`` (holes first, order kept), in the
         slot buffer and the full layers alike. Rings are position-indexed: untouched."""
         st = self.state
-        S = st.n_slots
+        S, T = st.n_slots, self.cache.step_width(T)
         if S + T <= self.max_len:
             return
         order = torch.sort(st.valid.to(torch.uint8), dim=1, stable=True).indices  # [B, S] holes first
