@@ -10,11 +10,14 @@ graph; ``accept`` hooks, the commit and the stop check run eagerly on the host).
 (b) host: wall time per step and the host time inside each part of the loop (the compiled step
     call, the commit, the accept hooks, the stop check, which includes waiting for the GPU);
 (c) each processor alone on ``[1, V]`` and ``[64, V]`` logits (bf16 values upcast to float32, as the
-    loop hands them to processors), eager and compiled, timed with CUDA events.
+    loop hands them to processors), eager and compiled, timed with CUDA events;
+(d) with ``--ablate``: ms per token in generation for greedy, Multinomial alone and every prefix of
+    the chain, so each processor's marginal cost inside the real compiled step shows.
 
     python benchmarks/samplers_profile_gpu.py                        # CUDA, bf16, SmolLM2-135M shapes
     python benchmarks/samplers_profile_gpu.py --steps 64 --top 15
-    python benchmarks/samplers_profile_gpu.py --device cpu --tiny    # CPU smoke check (eager, ~1 min)
+    python benchmarks/samplers_profile_gpu.py --ablate               # + (d) ms / token of each chain prefix
+    python benchmarks/samplers_profile_gpu.py --device cpu --tiny    # CPU smoke check (eager, seconds)
 
 SmolLM2-135M's architecture with random weights (benchmarks/configs/smollm2-135m.json): speed
 depends on shapes, not on weight values. ``stop_at_eos=False``, so every step is a full step.
@@ -241,6 +244,31 @@ def bench_processors(args, device: torch.device, backend: str | None) -> list[tu
     return rows
 
 
+# ----------------------------------------------------------------------------- (d)
+def ablate(model, tok, args, device: torch.device, compiled: bool) -> list[tuple[str, float]]:
+    """ms per generated token for greedy, Multinomial alone, and each prefix of the chain: the
+    marginal cost of every processor inside the real step (one compile per prefix)."""
+    prompts = [SENTENCES[i % len(SENTENCES)] for i in range(args.batch)]
+    names = [type(p).__name__ for p in chain()]
+    cases = [("greedy", 0, "Greedy")] + [(" + ".join(names[:i] + ["Multinomial"]), i, "Multinomial") for i in range(len(names) + 1)]
+    rows = []
+    for label, i, sampler in cases:
+        strategy = decodekit.Strategy(cache=StaticCache(compile=compiled), processors=chain()[:i], sampler=sampler,
+                                      stop_at_eos=False)
+        N = args.ablate_tokens
+        decodekit.generate(model, tok, prompts, strategy, max_new_tokens=N, seed=0)  # compile + capture
+        times = []
+        for _ in range(3):
+            sync(device)
+            t0 = time.perf_counter()
+            decodekit.generate(model, tok, prompts, strategy, max_new_tokens=N, seed=0)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        rows.append((label, 1e3 * statistics.median(times) / N))
+        print(f"  {label}: {rows[-1][1]:.3f} ms / token", flush=True)
+    return rows
+
+
 # ----------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -259,6 +287,9 @@ def main() -> None:
     ap.add_argument("--compile-backend", default=None,
                     help="compile the step and (c)'s processors with this backend; default inductor on CUDA, none on CPU")
     ap.add_argument("--skip-generate", action="store_true")
+    ap.add_argument("--ablate", action="store_true",
+                    help="(d): ms / token of each prefix of the chain in generation (one compile each: minutes on a GPU)")
+    ap.add_argument("--ablate-tokens", type=int, default=128)
     ap.add_argument("--skip-processors", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -292,6 +323,19 @@ def main() -> None:
         g, c = (res[k]["wall"] / res[k]["steps"] for k in res)
         print(f"\nchain / greedy tokens/s: **{g / c:.3f}**")
         print_generation(res, args.top, device)
+
+    if args.ablate:
+        model, tok, label = build(args)
+        compiled = backend is not None
+        print(f"\n### (d) each prefix of the chain in generation ({label}, batch {args.batch}, "
+              f"{args.ablate_tokens} new tokens, median of 3, StaticCache {'compiled' if compiled else 'eager'})\n")
+        rows = ablate(model, tok, args, device, compiled)
+        base = rows[0][1]
+        print("\n| strategy | ms / token | vs greedy tok/s | added by the last processor, ms |\n|---|---:|---:|---:|")
+        prev = None
+        for label, ms in rows:
+            print(f"| {label} | {ms:.3f} | {base / ms:.3f} | {'' if prev is None else f'{ms - prev:+.3f}'} |")
+            prev = ms if label != "greedy" else None
 
     if not args.skip_processors:
         print(f"\n### (c) each processor alone, logits [B, {args.vocab}] (bf16 values as float32), "
