@@ -165,7 +165,7 @@ class Cohort:
         pm.call("decodekit_generation_start", state=view)
         self.idx = torch.zeros(0, dtype=torch.long)
         self.ghost = torch.zeros(0, dtype=torch.bool)
-        self.has_ghosts = False
+        self.has_ghosts, self.n_live = False, 0
         self.stale = False  # the view lags the shared state by the last commit (no accept hook needed it)
         self.proposal: Proposal | None = None
         self.ended = False
@@ -174,13 +174,14 @@ class Cohort:
         """Map the cohort's members to shared rows (ghosts to row 0; their values are frozen)."""
         self.idx = torch.tensor([row_of.get(k, 0) for k in self.keys], dtype=torch.long, device=device)
         self.ghost = torch.tensor([k not in row_of for k in self.keys], dtype=torch.bool, device=device)
-        self.has_ghosts = any(k not in row_of for k in self.keys)  # known on the host: no sync
+        self.n_live = sum(k in row_of for k in self.keys)  # known on the host: no sync
+        self.has_ghosts = self.n_live < len(self.keys)
         self.live_pos = (~self.ghost).nonzero()[:, 0]  # positions in the view of live members
         self.rows = self.idx[self.live_pos]            # their shared rows
 
     @property
     def alive(self) -> bool:
-        return bool((~self.ghost).any())
+        return self.n_live > 0
 
     def refresh(self, st: DecodeState) -> None:
         """Copy the shared state of the cohort's rows into its view (host-sync free)."""
@@ -435,7 +436,7 @@ class Batch:
         props: list[Proposal | None] = []
         for c in self.cohorts:
             p = None
-            if c.pre and not bool(c.view.finished.all()):
+            if c.pre and c.n_live:  # host-known (reading view.finished would be a sync per cohort)
                 try:
                     for label, fn in c.pre:
                         p = fn(c.view)

@@ -112,6 +112,11 @@ class Job:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
+def _deliver(items: list[tuple[asyncio.Queue, tuple]]) -> None:
+    for events, event in items:
+        events.put_nowait(event)
+
+
 class Scheduler:
     """Owns the model; runs :meth:`_loop` in a daemon thread."""
 
@@ -129,6 +134,7 @@ class Scheduler:
         self.jobs: dict[int, Job] = {}          # jobs in the batch, by key
         self.pending: queue.Queue[Job] = queue.Queue()
         self.stats = {"steps": 0, "joined": 0, "finished": 0, "cancelled": 0, "failed": 0, "max_rows": 0}
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, tuple]]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="decodekit-serve-scheduler", daemon=True)
 
@@ -230,6 +236,7 @@ class Scheduler:
                     joined.append(job)
                 except Exception as e:
                     self._finish(job, error=e)
+        self._flush()  # jobs whose strategy failed to join
         for job in joined:
             self.jobs[job.key] = job
         self.stats["joined"] += len(joined)
@@ -271,6 +278,7 @@ class Scheduler:
                 leave.append(key)
             else:
                 self._send(job, text, final=False)
+        self._flush()
         self._leave(leave, None)
 
     @staticmethod
@@ -287,8 +295,19 @@ class Scheduler:
     def _send(self, job: Job, text: str, final: bool) -> None:
         end = len(text) if final else safe_prefix(text, job.stops)
         if end > job.sent:
-            job.emit("delta", text[job.sent:end])
+            self._emit(job, "delta", text[job.sent:end])
             job.sent = end
+
+    def _emit(self, job: Job, *event: Any) -> None:
+        if job.loop is not None:
+            self._outbox.setdefault(job.loop, []).append((job.events, event))
+
+    def _flush(self) -> None:
+        """Hand a step's events to each event loop in one call: one wake-up of the server's loop
+        per step rather than one per row and event (each is a write to its self-pipe)."""
+        for loop, items in self._outbox.items():
+            loop.call_soon_threadsafe(_deliver, items)
+        self._outbox = {}
 
     def _finish(self, job: Job, *, reason: str | None = None, error: BaseException | None = None) -> None:
         if job.done:
@@ -296,10 +315,10 @@ class Scheduler:
         job.done = True
         if error is not None:
             self.stats["failed"] += 1
-            job.emit("error", error)
+            self._emit(job, "error", error)
         else:
             self.stats["finished"] += 1
-            job.emit("done", reason, len(job.tokens))
+            self._emit(job, "done", reason, len(job.tokens))
 
     def _leave(self, keys: list[int], why: str | None) -> None:
         if not keys:
@@ -314,6 +333,7 @@ class Scheduler:
     def _fail_all(self, e: BaseException) -> None:
         for job in list(self.jobs.values()):
             self._finish(job, error=e)
+        self._flush()
         self.jobs.clear()
         self.batch = None  # a static batch's store is freed before the new one is allocated
         self.batch = self._new_batch()
