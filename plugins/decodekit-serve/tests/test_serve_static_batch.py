@@ -224,3 +224,41 @@ def test_serve_static_compile_error_falls_back_to_the_eager_step():
     stats = d.b.cache.stats
     assert not stats["compiled"] and "code generation failed" in stats["compile_fallback"]
     assert stats["compiled_steps"] == 0 and stats["eager_steps"] > 0
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_serve_static_step_and_poll_sync_once_per_step(mode, monkeypatch):
+    """The scheduler's step + poll with greedy and sampling cohorts reads the device once per step:
+    poll's single ``.tolist()``, and no scalar (``.item()``/``bool()``/``int()`` all dispatch
+    ``_local_scalar_dense``, a host sync on a GPU). A join or a leave may sync; a step may not."""
+    _need("Temperature", "TopP", "Multinomial")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ScalarReads(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ScalarReads.n += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    model, tok = tiny_model(), tiny_tokenizer()
+    sampled = Strategy.from_dict({"processors": [{"name": "Temperature", "temperature": 0.8}, {"name": "TopP", "top_p": 0.9}],
+                                  "sampler": "Multinomial"})
+    b = StaticBatch(model, tok, max_batch=4, max_len=64, **MODES[mode])
+    got: dict = {}
+    tolist = torch.Tensor.tolist
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: calls.append(t.shape) or tolist(t))
+    with torch.inference_mode():
+        b.join([spec(tok, 0, max_new=12)])
+        b.join([spec(tok, 1, sampled, seed=3, max_new=12), spec(tok, 2, sampled, seed=4, max_new=12)])
+        for k, (lo, toks, _) in b.poll().items():
+            got[k] = toks
+        calls.clear()
+        with ScalarReads():
+            for _ in range(6):
+                b.step()
+                for k, (lo, toks, _) in b.poll().items():
+                    got[k] = got[k][:lo] + toks
+    assert ScalarReads.n == 0 and len(calls) == 6, calls
+    assert all(len(t) == 7 for t in got.values())  # the prefill's token and six steps' were all read
