@@ -12,6 +12,8 @@ scheduling").
   to a common width, exactly like a left-padded prompt, so nothing is recomputed.
 * **Leave** (:meth:`Batch.remove`): the row's KV entries and slots are dropped (``index_select`` on
   the batch dimension); leading columns no row uses any more are cut.
+* **Read** (:meth:`Batch.poll`): every row's new tokens, counts and finished flags in one host sync
+  (the step itself syncs only after a rollback, to trim), so a server streams with one sync per step.
 * **Per-request strategies**: rows admitted together with the same strategy form a
   :class:`Cohort`, which owns one set of component instances set up for exactly its rows. Every
   step the cohort's components see a *view* state (its rows gathered from the shared state, its own
