@@ -23,7 +23,7 @@ from decodekit.errors import DecodekitError
 from decodekit.state import DecodeState
 
 from decodekit_kvcache.layout import Layout, kv_bytes, layout_from_config, round_up
-from decodekit_kvcache.store import KVStore, run_model
+from decodekit_kvcache.store import KVStore, lease, release, run_model
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -93,6 +93,9 @@ class _KVCache(Cache):
         self._depth = T_max - 1 + self.max_rollback
         capacity, block = self._capacity(state, T_max)
         ring = self._layout.window + self._depth if self._layout.window else 0
+        old = self.__dict__.get("_store")
+        if old is not None:  # this component's previous generation is over: its buffers are reusable
+            release(old)
         self._store = KVStore(self._layout, state.batch_size, capacity, grow_block=block, ring=ring)
         self._store.attn_impl, self._store.device = impl, state.device
         # transformers builds no mask for one SDPA query without padding; only full layers qualify
@@ -227,9 +230,11 @@ class StaticCache(_KVCache):
     def setup(self, state: DecodeState) -> None:
         super().setup(state)
         self._graph = self._compiled_on(state)
-        self._kvalid = torch.zeros(state.batch_size, self._store.capacity, dtype=torch.bool, device=state.device)
+        # Leased with the store (see store.lease): a later generation's compiled graphs replay on
+        # the same addresses.
+        self._kvalid = lease(self._store, ("target", "kvalid"), (state.batch_size, self._store.capacity), torch.bool, state.device, False)
         self._kv_hi = 0  # columns of _kvalid at or beyond this are False
-        self._start = torch.zeros((), dtype=torch.long, device=state.device)
+        self._start = lease(self._store, ("target", "start"), (), torch.long, state.device, 0)
         if self._graph:
             torch._dynamo.mark_static_address(self._kvalid)
             torch._dynamo.mark_static_address(self._start)

@@ -16,12 +16,55 @@ per attention kind, so the cache owns its masking.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache as HFCache
 
 from decodekit_kvcache.layout import FULL, SLIDING, Layout, round_up
+
+
+# ---------------------------------------------------------------------------- buffer reuse
+# A compiled step replays a CUDA graph recorded against the *addresses* of the buffers it mutates
+# in place (marked static). A new generation with freshly allocated buffers would make
+# torch.compile record the graph again (~20-40 ms for SmolLM2-135M on an H200, and after
+# ``cudagraph_unexpected_rerecord_limit`` re-recordings it silently stops using graphs). So
+# fixed-size buffers are leased from a pool and go back to it when their owner is garbage: the
+# next generation of the same shapes gets the very same memory, and its graphs replay as they are.
+_FREE: dict[tuple, list[torch.Tensor]] = {}
+
+
+def lease(owner: Any, name: Any, shape: tuple[int, ...], dtype: torch.dtype, device: Any, fill: Any = 0) -> torch.Tensor:
+    """A tensor of ``shape`` filled with ``fill``, reused from a previous owner when one is free;
+    it returns to the pool when ``owner`` is garbage collected (or :func:`release` d). ``name``
+    (the buffer's role, e.g. ``("keys", layer)``) is part of the key, so each role gets back the
+    very address it had, whatever order buffers were returned in."""
+    key = (name, tuple(shape), dtype, torch.device(device))
+    free = _FREE.get(key)
+    if free:
+        t = free.pop()
+        t.fill_(fill)
+    else:
+        t = torch.full(shape, fill, dtype=dtype, device=device)
+    owner.__dict__.setdefault("_leases", []).append(weakref.finalize(owner, _FREE.setdefault(key, []).append, t))
+    return t
+
+
+def release(owner: Any) -> None:
+    """Return ``owner``'s leased buffers now (its generation is over; the owner must not touch
+    them again), rather than whenever the garbage collector gets to it."""
+    for fin in owner.__dict__.pop("_leases", ()):
+        fin()
+
+
+def free_buffers() -> int:
+    """Drop every pooled buffer no generation is using (memory goes back to torch's allocator);
+    returns how many. Buffers in use are unaffected and return to the (now empty) pool later."""
+    n = sum(len(v) for v in _FREE.values())
+    for v in _FREE.values():
+        v.clear()
+    return n
 
 
 class KVStore(HFCache):
@@ -48,6 +91,9 @@ class KVStore(HFCache):
         self.attn_impl: str | None = None           # the model's attention implementation (mask format)
         self.device: torch.device | None = None     # where the slot ids live (the model's input device)
         self._slot_ids: torch.Tensor | None = None
+        #: Who this store serves, part of its pooled buffers' names (see :func:`lease`): a draft
+        #: network's store of the same shapes must not swap buffers with the target's.
+        self.pool_tag: str = "target"
 
     # ----------------------------------------------------------- transformers' side
     def __len__(self) -> int:
@@ -81,8 +127,12 @@ class KVStore(HFCache):
     def _allocate(self, layer_idx: int, like: torch.Tensor) -> None:
         B, H, _, D = like.shape
         n = self.capacity if self.layout.kinds[layer_idx] == FULL else self.ring + 1
-        self.keys[layer_idx] = like.new_zeros(B, H, n, D)
-        self.values[layer_idx] = like.new_zeros(B, H, n, D)
+        if self.grow_block is None:  # static: the same memory for every generation of these shapes
+            self.keys[layer_idx] = lease(self, (self.pool_tag, "keys", layer_idx), (B, H, n, D), like.dtype, like.device)
+            self.values[layer_idx] = lease(self, (self.pool_tag, "values", layer_idx), (B, H, n, D), like.dtype, like.device)
+        else:
+            self.keys[layer_idx] = like.new_zeros(B, H, n, D)
+            self.values[layer_idx] = like.new_zeros(B, H, n, D)
         if torch.compiler.is_compiling():  # pragma: no cover - allocation happens in the eager prefill
             return
         # The compiled step mutates these in place; static addresses keep CUDA graphs valid.
@@ -193,7 +243,7 @@ def run_model(
         R, W = store.ring, layout.window
         q = torch.arange(Q, device=dev)
         if store.ring_pos is None:
-            store.ring_pos = torch.full((B, R + 1), -1, dtype=torch.long, device=dev)
+            store.ring_pos = lease(store, (store.pool_tag, "ring_pos"), (B, R + 1), torch.long, dev, -1)
             torch._dynamo.mark_static_address(store.ring_pos)
         rp = store.ring_pos                                         # [B, R+1]
         near = pos[:, :, None] - rp[:, None, :] < W                # [B, Q, R+1]

@@ -59,6 +59,9 @@ class AdaptiveFields(Drafter):
 
         on, backend = target_compiles(state)
         on = on if self.compile is None else self.compile
+        old = self.__dict__.get("_net")
+        if isinstance(old, StaticDraftNet):  # the previous generation is over: reuse its buffers
+            old.release()
         if not on:
             return DraftNet(model, **eager)
         return StaticDraftNet(model, state, self.k, backend=self.compile_backend or backend, compiled=True, tag=tag)

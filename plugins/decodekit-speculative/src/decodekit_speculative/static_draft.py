@@ -39,7 +39,7 @@ import torch
 from decodekit.errors import DecodekitError
 from decodekit.state import DecodeState
 from decodekit_kvcache.layout import layout_from_config, round_up
-from decodekit_kvcache.store import KVStore, run_model
+from decodekit_kvcache.store import KVStore, lease, release, run_model
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -120,16 +120,27 @@ class StaticDraftNet:
         # Sliding layers keep a ring of the window plus this step's writes ahead of the last
         # committed position (k drafts + the catch-up slot).
         ring = self.layout.window + self.k + 1 if self.layout.window else 0
+        old = getattr(self, "store", None)
+        if old is not None:  # outgrown: its buffers go back to the pool now
+            release(old)
         self.store = KVStore(self.layout, self.B, capacity, grow_block=None, ring=ring)
         self.store.attn_impl, self.store.device = self.impl, self.device
-        self.kvalid = torch.zeros(self.B, capacity, dtype=torch.bool, device=self.device)  # [B, C]
-        self.start = torch.zeros((), dtype=torch.long, device=self.device)
+        self.store.pool_tag = f"draft:{self.tag}"
+        # Leased with the store (decodekit_kvcache.store.lease): the next generation of the same
+        # shapes gets the same memory, so the compiled passes' CUDA graphs replay unchanged.
+        self.kvalid = lease(self.store, (self.store.pool_tag, "kvalid"), (self.B, capacity), torch.bool, self.device, False)  # [B, C]
+        self.start = lease(self.store, (self.store.pool_tag, "start"), (), torch.long, self.device, 0)
         if self.compiled:
             # mutated in place between replays: static addresses keep CUDA graphs valid
             torch._dynamo.mark_static_address(self.kvalid)
             torch._dynamo.mark_static_address(self.start)
         self.hi = 0        # columns of kvalid at or beyond this are False
         self.seen = 0      # 0: the store holds nothing yet (prefill)
+
+    def release(self) -> None:
+        """Hand the buffers back to the pool (this net's generation is over): the next net of the
+        same shapes gets the same addresses, so its compiled passes replay without re-recording."""
+        release(self.store)
 
     @staticmethod
     def _target_compactions(state: DecodeState) -> int:
