@@ -35,6 +35,7 @@ def ptrs(strategy):
 def test_a_later_generation_reuses_the_buffers_and_stays_exact(models, tok):
     model = models["llama"]
     want = oracle(model, tok, PROMPTS, N)
+    gc.collect()  # earlier tests' garbage returns its buffers now, not in the middle of this test
     free_buffers()
     s1 = Strategy(cache=StaticCache(), stop_at_eos=False)
     r1 = decodekit.generate(model, tok, PROMPTS, s1, max_new_tokens=N)
@@ -69,3 +70,16 @@ def test_live_generations_never_share_buffers(models, tok):
     assert set(ptrs(a)).isdisjoint(ptrs(b))
     want = decodekit.generate(model, tok, PROMPTS, Strategy(cache=StaticCache(), stop_at_eos=False), max_new_tokens=N).texts
     assert ta == tb == want
+
+
+def test_buffers_leased_in_inference_mode_do_not_reach_normal_mode(models, tok):
+    """gemma3's sliding layers lease a ring-position buffer even for a DynamicCache; one leased
+    under torch.inference_mode cannot be written outside it."""
+    model = models["gemma3"]
+    s = Strategy(cache={"name": "DynamicCache"}, stop_at_eos=False)
+    with torch.inference_mode():
+        a = decodekit.generate(model, tok, PROMPTS, s, max_new_tokens=N)
+    del s
+    gc.collect()
+    b = decodekit.generate(model, tok, PROMPTS, Strategy(cache={"name": "DynamicCache"}, stop_at_eos=False), max_new_tokens=N)
+    assert a.token_ids == b.token_ids == oracle(model, tok, PROMPTS, N)

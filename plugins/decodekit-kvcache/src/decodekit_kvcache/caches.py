@@ -242,6 +242,7 @@ class StaticCache(_KVCache):
         self._qvalid: dict[tuple[int, int, int], torch.Tensor] = {}
         self._stats = state.extras.setdefault("stats", {})
         self._stats.update(warmup_s=0.0, compiled_steps=0, compactions=0)
+        self._strategy = state.extras.get("strategy")
 
     def keeps_holes(self) -> bool:
         return self._graph
@@ -334,7 +335,7 @@ class StaticCache(_KVCache):
         return target.clone(), None if probs is None else probs.clone()
 
     def _make_step(self, T: int) -> Callable:
-        return _step_fn(self._store.batch, T, self.compile_backend)
+        return _step_fn(self._store.batch, T, self.compile_backend, _chain(self._strategy))
 
 
 def _decode_step(model, store, process, sampler, state, inputs, qvalid, kvalid, start):
@@ -352,7 +353,16 @@ def _decode_step(model, store, process, sampler, state, inputs, qvalid, kvalid, 
 _STEP_FNS: dict[tuple[int, int, str], Callable] = {}
 
 
-def _step_fn(B: int, T: int, backend: str) -> Callable:
+def _chain(strategy: Any) -> str:
+    """What the compiled step runs besides the model: the processors' and the sampler's types, in
+    order. Steps of different chains get different code objects (see :func:`_step_fn`)."""
+    if strategy is None:
+        return ""
+    _, processors, sampler, _ = strategy.resolved()
+    return "|".join(type(c).__qualname__ for c in [*processors, sampler])
+
+
+def _step_fn(B: int, T: int, backend: str, chain: str = "") -> Callable:
     """The compiled step for batch ``B`` and verify width ``T``.
 
     Dynamo keeps its compiled variants per *code object* and stops compiling after
@@ -361,10 +371,12 @@ def _step_fn(B: int, T: int, backend: str) -> Callable:
     widths (prompt lookup at batch 8 fell to 0.53x of plain greedy), so each pair gets its own copy
     of the code, and its own budget.
     """
-    key = (B, T, backend)
+    key = (B, T, backend, chain)
     fn = _STEP_FNS.get(key)
     if fn is None:
-        name = f"decode_step_b{B}_t{T}"
+        # One code object per chain too: every processor chain traced through one code object
+        # would count against the same budget (a process trying 8 chains ran the 9th eagerly).
+        name = f"decode_step_b{B}_t{T}" + (f"_c{len([k for k in _STEP_FNS if k[:3] == key[:3]])}" if chain else "")
         names = {"co_name": name, **({"co_qualname": name} if sys.version_info >= (3, 11) else {})}
         code = _decode_step.__code__.replace(**names)
         own = types.FunctionType(code, _decode_step.__globals__, name)

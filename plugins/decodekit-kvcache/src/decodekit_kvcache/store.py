@@ -40,7 +40,9 @@ def lease(owner: Any, name: Any, shape: tuple[int, ...], dtype: torch.dtype, dev
     it returns to the pool when ``owner`` is garbage collected (or :func:`release` d). ``name``
     (the buffer's role, e.g. ``("keys", layer)``) is part of the key, so each role gets back the
     very address it had, whatever order buffers were returned in."""
-    key = (name, tuple(shape), dtype, torch.device(device))
+    # An inference tensor (made under torch.inference_mode) cannot be written outside it, and a
+    # normal one is not what inference mode hands out: one pool per mode.
+    key = (name, tuple(shape), dtype, torch.device(device), torch.is_inference_mode_enabled())
     free = _FREE.get(key)
     if free:
         t = free.pop()

@@ -30,10 +30,30 @@ def temperature(scores: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return scores / t
 
 
+def topk_values(scores: torch.Tensor, k: int, chunk: int | None = None) -> torch.Tensor:
+    """``torch.topk(scores, k).values``, in two stages on a GPU.
+
+    torch.topk gives one thread block to each slice, so one 49,152-entry row (batch 1) runs on a
+    single block: 52 µs on an H200, the chain's most expensive kernel after top-p's sort. Split
+    into chunks, the top k of each chunk is computed in parallel and the top k of those candidates
+    is the answer: the k largest values (as a multiset, ties included) are among them, since a
+    chunk holds at most k of them. ``chunk`` None: two stages on CUDA for large rows, one elsewhere.
+    """
+    V = scores.shape[-1]
+    if chunk is None:
+        chunk = 1024 if scores.is_cuda else 0
+    if not chunk or V < 4 * chunk or 4 * k > chunk:
+        return torch.topk(scores, k).values
+    n = -(-V // chunk)
+    x = scores if n * chunk == V else torch.nn.functional.pad(scores, (0, n * chunk - V), value=NEG_INF)
+    part = torch.topk(x.unflatten(-1, (n, chunk)), k).values  # [..., n, k]
+    return torch.topk(part.flatten(-2), k).values
+
+
 def top_k(scores: torch.Tensor, k: torch.Tensor | int, k_max: int) -> torch.Tensor:
     """Keep every token scoring at least the k-th best (ties with it survive, as in transformers)."""
     k_max = min(k_max, scores.shape[-1])
-    best = torch.topk(scores, k_max).values  # [B, T, k_max]
+    best = topk_values(scores, k_max)  # [B, T, k_max]
     if isinstance(k, int):
         kth = best[..., k_max - 1 :]
     else:  # per-row k: the k-th best of row r is column k_r - 1 of the common top-k_max
