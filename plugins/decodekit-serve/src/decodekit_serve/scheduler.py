@@ -117,6 +117,27 @@ def _deliver(items: list[tuple[asyncio.Queue, tuple]]) -> None:
         events.put_nowait(event)
 
 
+def _cudagraph_thread_state() -> None:
+    """Give this (non-main) thread the thread-local state torch.compile's CUDA graph trees expect.
+
+    torch._inductor.cudagraph_trees keeps its tree managers in a ``threading.local`` set up at
+    import, i.e. in the importing thread, and otherwise finds them only in threads autograd
+    created; any other thread replaying a ``mode="reduce-overhead"`` graph fails with a bare
+    AssertionError (seen on an H200, torch 2.11). This thread gets its own (empty) containers:
+    its graphs are recorded and replayed by its own tree manager.
+    """
+    try:
+        import collections
+        import threading
+
+        from torch._inductor import cudagraph_trees as ct
+    except Exception:  # pragma: no cover - no inductor: nothing is compiled with CUDA graphs
+        return
+    if not hasattr(ct.local, "tree_manager_containers"):
+        ct.local.tree_manager_containers = {}
+        ct.local.tree_manager_locks = collections.defaultdict(threading.Lock)
+
+
 class Scheduler:
     """Owns the model; runs :meth:`_loop` in a daemon thread."""
 
@@ -187,12 +208,13 @@ class Scheduler:
         try:
             seconds = warm()
         except Exception as e:  # the first request will meet (and report) the same failure
-            log.warning("decodekit serve: warming up the static decode step failed: %s: %s", type(e).__name__, e)
+            log.warning("decodekit serve: warming up the static decode step failed: %s: %s", type(e).__name__, e, exc_info=True)
             return
         if seconds:
             log.info("decodekit serve: static decode step compiled in %.1f s", seconds)
 
     def _loop(self) -> None:
+        _cudagraph_thread_state()
         with torch.inference_mode():
             self._warmup()
             while not self._stop.is_set():
