@@ -15,7 +15,7 @@ import statistics
 import time
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, SuppressTokensLogitsProcessor
 
 import decodekit
 from decodekit import NoCache, Strategy
@@ -107,8 +107,13 @@ def host_overhead(device, dtype, n, rounds, short=16):
 
 def vs_transformers(device, dtype, n, rounds):
     model, tok = decodekit.load_model(dtype=dtype, device=device)
-    default = Strategy(stop_at_eos=False)
-    nocache = Strategy(cache=NoCache(), stop_at_eos=False)
+    # transformers runs min_new_tokens=n (EOS suppressed until n tokens); decodekit gets the same
+    # rule through transformers' own processor, so both make the same n tokens (the embedded
+    # model's first token for this prompt is EOS: without it the outputs differ from token 0).
+    eos = [model.generation_config.eos_token_id]
+    no_eos = lambda: SuppressTokensLogitsProcessor(eos, device=device)  # noqa: E731
+    default = Strategy(processors=[no_eos()], stop_at_eos=False)
+    nocache = Strategy(cache=NoCache(), processors=[no_eos()], stop_at_eos=False)
     cache = type(default.resolved()[0]).__name__
     rows = {"hf": [], "dk": [], "nc": []}
     hf_ids = dk_ids = None

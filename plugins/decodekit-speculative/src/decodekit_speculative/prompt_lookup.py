@@ -5,6 +5,10 @@ output so far. No draft model; deterministic drafts, so q is one-hot and greedy/
 
 from __future__ import annotations
 
+import types
+import warnings
+from typing import Any, Callable
+
 import torch
 from pydantic import field_validator, model_validator
 
@@ -50,6 +54,33 @@ def find_continuations(hist: torch.Tensor, length: torch.Tensor, ngram: int, min
     return tokens, n_tokens
 
 
+def propose(hist: torch.Tensor, length: torch.Tensor, n_new: torch.Tensor, finished: torch.Tensor, budget: torch.Tensor,
+            ngram: int, min_ngram: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's proposal: :func:`find_continuations`, capped so no row proposes past its budget
+    (``budget`` 0-dim: max_new_tokens - 1) and nothing for finished rows."""
+    tokens, n = find_continuations(hist, length, ngram, min_ngram, k)
+    room = (budget - n_new).clamp_min(0)
+    return tokens, torch.minimum(n, room).masked_fill(finished, 0)
+
+
+# Compiled proposal functions, one code object per (batch, history width, n-grams, k): dynamo's
+# recompile budget is per code object (see decodekit-kvcache's _step_fn), and a process that
+# serves several shapes must not run out of it.
+_PROPOSE_FNS: dict[tuple, Callable] = {}
+
+
+def compiled_propose(key: tuple, backend: str) -> Callable:
+    fn = _PROPOSE_FNS.get((key, backend))
+    if fn is None:
+        name = "propose_" + "_".join(str(x) for x in key)
+        own = types.FunctionType(propose.__code__.replace(co_name=name, co_qualname=name), propose.__globals__, name)
+        kwargs: dict[str, Any] = {"backend": backend, "dynamic": False}
+        if backend == "inductor":
+            kwargs["mode"] = "reduce-overhead"  # one CUDA graph launch instead of ~70 small kernels
+        fn = _PROPOSE_FNS[(key, backend)] = torch.compile(own, **kwargs)
+    return fn
+
+
 class PromptLookup(Drafter):
     """Draft by n-gram lookup in the prompt and the output so far.
 
@@ -86,17 +117,49 @@ class PromptLookup(Drafter):
         # Own left-aligned history (committed tokens incl. `last`): appending is a scatter, rollback
         # moves a length; no per-step re-gathering of the target's holey slot buffer.
         width = max(len(p) for p in state.prompt_ids) + state.max_new_tokens + self.k + 2
+        self._fixed = dev.type == "cuda" if self.fixed_width is None else self.fixed_width
+        # Fixed width beside a compiled target (decodekit-kvcache's StaticCache on CUDA): the
+        # proposal is one compiled call too, so the step launches no small kernels for drafting.
+        # The width is rounded up (the columns past a row's length are never matched) so that
+        # generations of other lengths reuse the compiled function.
+        self._compiled = None
+        if self._fixed:
+            from decodekit_speculative.static_draft import target_compiles
+
+            on, backend = target_compiles(state)
+            if on:
+                width = max(256, 1 << (width - 1).bit_length())
+                key = (B, width, self.ngram, self.min_ngram, self.k)
+                self._compiled = (compiled_propose(key, backend), dev.type == "cuda")
         self._hist = torch.full((B, width + 1), state.pad_token_id, dtype=torch.long, device=dev)  # last column: dump
         for r, p in enumerate(state.prompt_ids):
             self._hist[r, : len(p)] = torch.tensor(p, dtype=torch.long)
         self._len = state.prompt_lengths.clone().to(dev)
-        self._fixed = dev.type == "cuda" if self.fixed_width is None else self.fixed_width
+        self._budget = torch.tensor(state.max_new_tokens - 1, device=dev)
 
     def pre_logits(self, state: DecodeState) -> Proposal | None:
         W = self._hist.shape[1] - 1
-        tokens, n = find_continuations(self._hist[:, :W], self._len, self.ngram, self.min_ngram, self.k)
-        room = (state.max_new_tokens - state.n_new - 1).clamp_min(0)
-        n = torch.minimum(n, room).masked_fill(state.finished, 0)
+        args = (self._hist[:, :W], self._len, state.n_new, state.finished, self._budget, self.ngram, self.min_ngram, self.k)
+        if self._compiled is not None:
+            fn, cuda = self._compiled
+            try:
+                if cuda:
+                    torch.compiler.cudagraph_mark_step_begin()
+                tokens, n = fn(*args)
+            except Exception as e:
+                from decodekit_kvcache.caches import _is_compile_error
+
+                if not _is_compile_error(e):
+                    raise
+                # A compiler error must not cost the generation: the eager proposal is the same.
+                warnings.warn(f"decodekit PromptLookup: compiling the proposal failed ({type(e).__name__}); drafting eagerly",
+                              RuntimeWarning, stacklevel=2)
+                self._compiled = None
+                tokens, n = propose(*args)
+            else:
+                tokens, n = tokens.clone(), n.clone()  # a CUDA graph's outputs are overwritten by its next replay
+        else:
+            tokens, n = propose(*args)
         if self._fixed:
             return Proposal(tokens=tokens, probs=None, lengths=n)
         # One host sync: a step whose rows found nothing runs as a plain T=1 step, and the forward
