@@ -194,7 +194,7 @@ class StaticBatchCache(Cache):
             kv[:, seen:self._kv_hi].fill_(False)
         self._kv_hi = seen
         self._start.fill_(seen)
-        fn = _step_fn(B, Tb, self.compile_backend)
+        fn = _step_fn(B, Tb, self.compile_backend, model=state.model)  # the server's model is never edited in place
         first = Tb not in self._warm
         t0 = time.perf_counter()
         torch.compiler.cudagraph_mark_step_begin()

@@ -69,10 +69,15 @@ def compile_pass(tag: str, Q: int, backend: str) -> Callable:
     fn = _PASS_FNS.get(key)
     if fn is None:
         fn = _PASS_FNS[key] = _own_code(draft_pass, f"{tag}_q{Q}")
-    kwargs: dict[str, Any] = {"backend": backend, "dynamic": False}
+    # The tag names one draft network object, so dynamo's guards on its nn.Module attributes can be
+    # skipped (most of a compiled call's host cost; see decodekit-kvcache's _step_fn): the
+    # network is assumed not to be edited in place between generations.
+    options: dict[str, Any] = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
     if backend == "inductor":
-        kwargs["mode"] = "reduce-overhead"  # CUDA graphs: the launch overhead is the cost here
-    return torch.compile(fn, **kwargs)
+        from torch._inductor import list_mode_options
+
+        options.update(list_mode_options("reduce-overhead"))  # CUDA graphs: the launch overhead is the cost here
+    return torch.compile(fn, backend=backend, dynamic=False, options=options)
 
 
 _TAGS: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
