@@ -40,3 +40,25 @@ def test_module_guards_see_an_in_place_edit(tok):
     want = hf_greedy(m, tok, PROMPTS, N)
     assert want != before
     assert decodekit.generate(m, tok, PROMPTS, compiled(module_guards=True), max_new_tokens=N).token_ids == want
+
+
+def test_a_torch_without_guard_filters_still_compiles(tok, monkeypatch):
+    """torch.compile raised on an unknown option before guard_filter_fn existed (< 2.8): the step is
+    then compiled without it and stays exact."""
+    import decodekit_kvcache.caches as caches
+
+    real = torch.compile
+    seen = []
+
+    def old_torch_compile(fn, **kw):
+        if "guard_filter_fn" in (kw.get("options") or {}):
+            seen.append("refused")
+            raise RuntimeError("Unexpected optimization option guard_filter_fn")
+        return real(fn, **kw)
+
+    monkeypatch.setattr(torch, "compile", old_torch_compile)
+    monkeypatch.setattr(caches, "_STEP_FNS", {})
+    m = tiny_model("llama", seed=5)
+    got = decodekit.generate(m, tok, PROMPTS, compiled(), max_new_tokens=N)
+    assert seen and got.token_ids == hf_greedy(m, tok, PROMPTS, N)
+    assert got.stats["compiled_steps"] == got.stats["forward_passes"] - 1

@@ -413,12 +413,26 @@ def _step_fn(B: int, T: int, backend: str, chain: str = "", model: Any = None) -
             from torch._inductor import list_mode_options
 
             options.update(list_mode_options("reduce-overhead"))  # CUDA graphs
-        if own_model is not None:
-            options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-        if options:  # torch.compile takes `mode` or `options`, not both: the mode's options are spelled out
-            kwargs["options"] = options
-        fn = _STEP_FNS[key] = torch.compile(own, **kwargs)
+        skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)  # torch >= 2.8
+        if own_model is not None and skip is not None:
+            options["guard_filter_fn"] = skip
+        fn = _STEP_FNS[key] = compile_with(own, kwargs, options)
     return fn
+
+
+def compile_with(fn: Callable, kwargs: dict[str, Any], options: dict[str, Any]) -> Callable:
+    """``torch.compile(fn, **kwargs, options=options)`` (it takes ``mode`` or ``options``, not both:
+    callers spell out the mode's options). A torch that does not know ``guard_filter_fn`` gets the
+    same call without it: slower guards, same results."""
+    if not options:
+        return torch.compile(fn, **kwargs)
+    try:
+        return torch.compile(fn, **kwargs, options=dict(options))
+    except (RuntimeError, TypeError, ValueError):
+        if "guard_filter_fn" not in options:
+            raise
+        rest = {k: v for k, v in options.items() if k != "guard_filter_fn"}
+        return torch.compile(fn, **kwargs, **({"options": rest} if rest else {}))
 
 
 class _CompileFailed(Exception):

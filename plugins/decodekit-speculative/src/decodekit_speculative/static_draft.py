@@ -72,12 +72,15 @@ def compile_pass(tag: str, Q: int, backend: str) -> Callable:
     # The tag names one draft network object, so dynamo's guards on its nn.Module attributes can be
     # skipped (most of a compiled call's host cost; see decodekit-kvcache's _step_fn): the
     # network is assumed not to be edited in place between generations.
-    options: dict[str, Any] = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)  # torch >= 2.8
+    options: dict[str, Any] = {"guard_filter_fn": skip} if skip is not None else {}
     if backend == "inductor":
         from torch._inductor import list_mode_options
 
         options.update(list_mode_options("reduce-overhead"))  # CUDA graphs: the launch overhead is the cost here
-    return torch.compile(fn, backend=backend, dynamic=False, options=options)
+    from decodekit_kvcache.caches import compile_with
+
+    return compile_with(fn, {"backend": backend, "dynamic": False}, options)
 
 
 _TAGS: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
