@@ -502,8 +502,12 @@ class Batch:
             self._rolled_back(rollback)
             for c in self._accept_all():
                 c.view._rollback = None
-            # Only a rollback leaves trailing columns that are holes in every row (finished rows
-            # append holes next to live rows' slots); trimming costs a host sync, so only then.
+        # A rollback, or proposals that no row accepted in full, leave trailing columns that are
+        # holes in every row (a plain step cannot: finished rows append holes only next to live
+        # rows' slots). Trimming them costs a host sync; a cache that keeps holes and compacts when
+        # full (the server's static batch: Cache.keeps_holes) saves it, a growing one must trim or
+        # its KV and attention width grow by the whole verify width every step.
+        if rollback is not None or (k and not self.cache.keeps_holes()):
             _trim(st)
         self.cache.cache_update(st)
         st.step += 1

@@ -1,8 +1,8 @@
-"""Static stores lease their buffers from a pool (decodekit_kvcache.store.lease) so that the next
-generation of the same shapes runs on the same addresses (a compiled step's CUDA graphs then
-replay instead of re-recording). Reuse must never hand one buffer to two live generations, and a
-reused buffer's stale contents must never leak into a result: outputs are checked against
-transformers' greedy."""
+"""Compiled static stores lease their buffers from a pool (decodekit_kvcache.store.lease) so that
+the next generation of the same shapes runs on the same addresses (a compiled step's CUDA graphs
+then replay instead of re-recording). Reuse must never hand one buffer to two live generations, a
+reused buffer's stale contents must never leak into a result (outputs are checked against
+transformers' greedy), and idle buffers are bounded: one shape per role, none for eager stores."""
 
 import gc
 
@@ -11,7 +11,7 @@ import torch
 import decodekit
 from decodekit import Strategy
 from decodekit_kvcache import StaticCache
-from decodekit_kvcache.store import free_buffers
+from decodekit_kvcache.store import _FREE, free_buffers
 
 PROMPTS = ["the cat and the dog", "on and on"]
 N = 12
@@ -37,7 +37,7 @@ def test_a_later_generation_reuses_the_buffers_and_stays_exact(models, tok):
     want = oracle(model, tok, PROMPTS, N)
     gc.collect()  # earlier tests' garbage returns its buffers now, not in the middle of this test
     free_buffers()
-    s1 = Strategy(cache=StaticCache(), stop_at_eos=False)
+    s1 = Strategy(cache=StaticCache(compile=True, compile_backend="eager"), stop_at_eos=False)
     r1 = decodekit.generate(model, tok, PROMPTS, s1, max_new_tokens=N)
     first = ptrs(s1)
     # the same component again: its previous buffers are released at setup and reused
@@ -46,7 +46,7 @@ def test_a_later_generation_reuses_the_buffers_and_stays_exact(models, tok):
     # a new component once the old one is gone
     del s1
     gc.collect()
-    s2 = Strategy(cache=StaticCache(), stop_at_eos=False)
+    s2 = Strategy(cache=StaticCache(compile=True, compile_backend="eager"), stop_at_eos=False)
     r3 = decodekit.generate(model, tok, PROMPTS, s2, max_new_tokens=N)
     assert ptrs(s2) == first
     assert r1.token_ids == r2.token_ids == r3.token_ids == want
@@ -55,7 +55,7 @@ def test_a_later_generation_reuses_the_buffers_and_stays_exact(models, tok):
 def test_live_generations_never_share_buffers(models, tok):
     model = models["llama"]
     free_buffers()
-    a, b = Strategy(cache=StaticCache(), stop_at_eos=False), Strategy(cache=StaticCache(), stop_at_eos=False)
+    a, b = Strategy(cache=StaticCache(compile=True, compile_backend="eager"), stop_at_eos=False), Strategy(cache=StaticCache(compile=True, compile_backend="eager"), stop_at_eos=False)
     # interleave two streams of the same shapes: both stores are alive at once
     sa = decodekit.stream(model, tok, PROMPTS, a, max_new_tokens=N)
     sb = decodekit.stream(model, tok, PROMPTS, b, max_new_tokens=N)
@@ -68,18 +68,43 @@ def test_live_generations_never_share_buffers(models, tok):
     for r, d in sb:
         tb[r] += d
     assert set(ptrs(a)).isdisjoint(ptrs(b))
-    want = decodekit.generate(model, tok, PROMPTS, Strategy(cache=StaticCache(), stop_at_eos=False), max_new_tokens=N).texts
+    want = decodekit.generate(model, tok, PROMPTS, Strategy(cache=StaticCache(compile=True, compile_backend="eager"), stop_at_eos=False), max_new_tokens=N).texts
     assert ta == tb == want
 
 
+def compiled_static():
+    return {"name": "StaticCache", "compile": True, "compile_backend": "eager"}
+
+
 def test_buffers_leased_in_inference_mode_do_not_reach_normal_mode(models, tok):
-    """gemma3's sliding layers lease a ring-position buffer even for a DynamicCache; one leased
-    under torch.inference_mode cannot be written outside it."""
+    """A buffer leased under torch.inference_mode (gemma3: KV, rings and their positions) cannot be
+    written outside it."""
     model = models["gemma3"]
-    s = Strategy(cache={"name": "DynamicCache"}, stop_at_eos=False)
+    s = Strategy(cache=compiled_static(), stop_at_eos=False)
     with torch.inference_mode():
         a = decodekit.generate(model, tok, PROMPTS, s, max_new_tokens=N)
     del s
     gc.collect()
-    b = decodekit.generate(model, tok, PROMPTS, Strategy(cache={"name": "DynamicCache"}, stop_at_eos=False), max_new_tokens=N)
+    b = decodekit.generate(model, tok, PROMPTS, Strategy(cache=compiled_static(), stop_at_eos=False), max_new_tokens=N)
     assert a.token_ids == b.token_ids == oracle(model, tok, PROMPTS, N)
+
+
+def idle_shapes():
+    return {role: sorted(kinds) for role, kinds in _FREE.items() if kinds}
+
+
+def test_idle_buffers_are_bounded(models, tok):
+    model = models["llama"]
+    gc.collect()
+    free_buffers()
+    # eager static stores do not pool at all
+    decodekit.generate(model, tok, PROMPTS, Strategy(cache=StaticCache(), stop_at_eos=False), max_new_tokens=N)
+    gc.collect()
+    assert not idle_shapes()
+    # generations of several lengths and batch sizes: one idle shape per role afterwards
+    for prompts, n in [(PROMPTS, N), (PROMPTS[:1], N), (PROMPTS, 3 * N), (PROMPTS[:1], 5 * N)]:
+        r = decodekit.generate(model, tok, prompts, Strategy(cache=compiled_static(), stop_at_eos=False), max_new_tokens=n)
+        assert r.token_ids == oracle(model, tok, prompts, n)
+    gc.collect()
+    shapes = idle_shapes()
+    assert shapes and all(len(kinds) == 1 for kinds in shapes.values())

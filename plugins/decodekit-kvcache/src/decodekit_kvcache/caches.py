@@ -240,9 +240,11 @@ class StaticCache(_KVCache):
         self._graph = self._compiled_on(state)
         # Leased with the store (see store.lease): a later generation's compiled graphs replay on
         # the same addresses.
-        self._kvalid = lease(self._store, ("target", "kvalid"), (state.batch_size, self._store.capacity), torch.bool, state.device, False)
+        self._store.pooled = self._graph  # only replayed graphs care about addresses
+        self._kvalid = lease(self._store, ("target", "kvalid"), (state.batch_size, self._store.capacity), torch.bool,
+                             state.device, False, pooled=self._graph)
         self._kv_hi = 0  # columns of _kvalid at or beyond this are False
-        self._start = lease(self._store, ("target", "start"), (), torch.long, state.device, 0)
+        self._start = lease(self._store, ("target", "start"), (), torch.long, state.device, 0, pooled=self._graph)
         if self._graph:
             torch._dynamo.mark_static_address(self._kvalid)
             torch._dynamo.mark_static_address(self._start)
@@ -345,7 +347,7 @@ class StaticCache(_KVCache):
 
     def _make_step(self, T: int) -> Callable:
         model = None if self.module_guards else self._model
-        return _step_fn(self._store.batch, T, self.compile_backend, _chain(self._strategy), model)
+        return _step_fn(self._store.batch, T, self.compile_backend, _chain(self._strategy), model, self._store.capacity)
 
 
 def _decode_step(model, store, process, sampler, state, inputs, qvalid, kvalid, start):
@@ -384,21 +386,22 @@ def model_tag(model: Any) -> str:
     return tag
 
 
-def _step_fn(B: int, T: int, backend: str, chain: str = "", model: Any = None) -> Callable:
+def _step_fn(B: int, T: int, backend: str, chain: str = "", model: Any = None, capacity: int = 0) -> Callable:
     """The compiled step for batch ``B`` and verify width ``T``.
 
     Dynamo keeps its compiled variants per *code object* and stops compiling after
     ``recompile_limit`` (8) of them, silently running eagerly from then on. One code object for
     every (batch, width) pair hit that limit in a benchmark that ran batch 1 and 8 with several
-    widths (prompt lookup at batch 8 fell to 0.53x of plain greedy), so each pair gets its own copy
-    of the code, and its own budget.
+    widths (prompt lookup at batch 8 fell to 0.53x of plain greedy), so each (batch, width,
+    processor chain, model, buffer length) gets its own copy of the code, and its own budget.
     """
     # With a model: dynamo's guards on the model's nn.Module attributes are skipped (checking them
     # is most of a compiled call's host overhead: ~1.0 of 1.1 ms before each step of a 30-layer
     # model on a 2-core CPU, 0.45 ms without), which is sound only for that very model object, so
     # the step is that model's own (and its training flag's: dropout would differ).
     own_model = None if model is None else (model_tag(model), bool(model.training))
-    key = (B, T, backend, chain, own_model)
+    # The buffers' length is a static shape too: each one its own code object (and budget).
+    key = (B, T, backend, chain, own_model, capacity)
     fn = _STEP_FNS.get(key)
     if fn is None:
         # One code object per chain too: every processor chain traced through one code object

@@ -16,6 +16,7 @@ per attention kind, so the cache owns its masking.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any
 
@@ -32,25 +33,50 @@ from decodekit_kvcache.layout import FULL, SLIDING, Layout, round_up
 # ``cudagraph_unexpected_rerecord_limit`` re-recordings it silently stops using graphs). So
 # fixed-size buffers are leased from a pool and go back to it when their owner is garbage: the
 # next generation of the same shapes gets the very same memory, and its graphs replay as they are.
-_FREE: dict[tuple, list[torch.Tensor]] = {}
+#
+# Bounded: per role only the buffers of one shape stay idle (a role that needs another shape drops
+# the idle ones first), and only stores that replay CUDA graphs pool at all (``pooled``).
+_FREE: dict[Any, dict[tuple, list[torch.Tensor]]] = {}   # role -> (shape, dtype, device, inference) -> idle
+# Reentrant: a garbage collection inside the locked region may run a finalizer that gives back.
+_LOCK = threading.RLock()
 
 
-def lease(owner: Any, name: Any, shape: tuple[int, ...], dtype: torch.dtype, device: Any, fill: Any = 0) -> torch.Tensor:
-    """A tensor of ``shape`` filled with ``fill``, reused from a previous owner when one is free;
+def lease(owner: Any, name: Any, shape: tuple[int, ...], dtype: torch.dtype, device: Any, fill: Any = 0,
+          pooled: bool = True) -> torch.Tensor:
+    """A tensor of ``shape`` filled with ``fill``, reused from a previous owner when one is idle;
     it returns to the pool when ``owner`` is garbage collected (or :func:`release` d). ``name``
-    (the buffer's role, e.g. ``("keys", layer)``) is part of the key, so each role gets back the
-    very address it had, whatever order buffers were returned in."""
+    (the buffer's role, e.g. ``("keys", layer)``) picks the pool, so each role gets back the very
+    address it had, whatever order buffers were returned in. ``pooled=False``: a plain allocation."""
+    if not pooled:
+        return torch.full(shape, fill, dtype=dtype, device=device)
     # An inference tensor (made under torch.inference_mode) cannot be written outside it, and a
     # normal one is not what inference mode hands out: one pool per mode.
-    key = (name, tuple(shape), dtype, torch.device(device), torch.is_inference_mode_enabled())
-    free = _FREE.get(key)
-    if free:
-        t = free.pop()
-        t.fill_(fill)
-    else:
+    kind = (tuple(shape), dtype, torch.device(device), torch.is_inference_mode_enabled())
+    t = None
+    with _LOCK:
+        idle = _FREE.setdefault(name, {})
+        free = idle.get(kind)
+        if free:
+            t = free.pop()
+        else:  # another shape's idle buffers of this role go before a new one is allocated
+            for other in list(idle):
+                if other != kind:
+                    idle.pop(other, None)
+    if t is None:
         t = torch.full(shape, fill, dtype=dtype, device=device)
-    owner.__dict__.setdefault("_leases", []).append(weakref.finalize(owner, _FREE.setdefault(key, []).append, t))
+    else:
+        t.fill_(fill)
+    owner.__dict__.setdefault("_leases", []).append(weakref.finalize(owner, _give_back, name, kind, t))
     return t
+
+
+def _give_back(name: Any, kind: tuple, t: torch.Tensor) -> None:
+    with _LOCK:
+        idle = _FREE.setdefault(name, {})
+        for other in list(idle):
+            if other != kind:
+                idle.pop(other, None)
+        idle.setdefault(kind, []).append(t)
 
 
 def release(owner: Any) -> None:
@@ -61,11 +87,11 @@ def release(owner: Any) -> None:
 
 
 def free_buffers() -> int:
-    """Drop every pooled buffer no generation is using (memory goes back to torch's allocator);
-    returns how many. Buffers in use are unaffected and return to the (now empty) pool later."""
-    n = sum(len(v) for v in _FREE.values())
-    for v in _FREE.values():
-        v.clear()
+    """Drop every idle pooled buffer (memory goes back to torch's allocator); returns how many.
+    Buffers in use are unaffected and return to the (now empty) pool later."""
+    with _LOCK:
+        n = sum(len(v) for idle in _FREE.values() for v in idle.values())
+        _FREE.clear()
     return n
 
 
@@ -96,6 +122,9 @@ class KVStore(HFCache):
         #: Who this store serves, part of its pooled buffers' names (see :func:`lease`): a draft
         #: network's store of the same shapes must not swap buffers with the target's.
         self.pool_tag: str = "target"
+        #: Lease the buffers from the pool (see :func:`lease`): only worth it, and only done, for
+        #: stores whose compiled steps replay CUDA graphs against their addresses.
+        self.pooled: bool = False
 
     # ----------------------------------------------------------- transformers' side
     def __len__(self) -> int:
@@ -130,8 +159,10 @@ class KVStore(HFCache):
         B, H, _, D = like.shape
         n = self.capacity if self.layout.kinds[layer_idx] == FULL else self.ring + 1
         if self.grow_block is None:  # static: the same memory for every generation of these shapes
-            self.keys[layer_idx] = lease(self, (self.pool_tag, "keys", layer_idx), (B, H, n, D), like.dtype, like.device)
-            self.values[layer_idx] = lease(self, (self.pool_tag, "values", layer_idx), (B, H, n, D), like.dtype, like.device)
+            self.keys[layer_idx] = lease(self, (self.pool_tag, "keys", layer_idx), (B, H, n, D), like.dtype, like.device,
+                                         pooled=self.pooled)
+            self.values[layer_idx] = lease(self, (self.pool_tag, "values", layer_idx), (B, H, n, D), like.dtype, like.device,
+                                           pooled=self.pooled)
         else:
             self.keys[layer_idx] = like.new_zeros(B, H, n, D)
             self.values[layer_idx] = like.new_zeros(B, H, n, D)
@@ -245,7 +276,7 @@ def run_model(
         R, W = store.ring, layout.window
         q = torch.arange(Q, device=dev)
         if store.ring_pos is None:
-            store.ring_pos = lease(store, (store.pool_tag, "ring_pos"), (B, R + 1), torch.long, dev, -1)
+            store.ring_pos = lease(store, (store.pool_tag, "ring_pos"), (B, R + 1), torch.long, dev, -1, pooled=store.pooled)
             torch._dynamo.mark_static_address(store.ring_pos)
         rp = store.ring_pos                                         # [B, R+1]
         near = pos[:, :, None] - rp[:, None, :] < W                # [B, Q, R+1]

@@ -252,6 +252,11 @@ class StaticBatchCache(Cache):
             logits = torch.cat([logits, logits.new_zeros(B - n, *logits.shape[1:])], 0)
         return logits
 
+    def keeps_holes(self) -> bool:
+        """Rejected drafts stay as masked holes; :meth:`StaticBatch._make_room` compacts when the
+        columns run out, so a step needs no host sync to trim them."""
+        return True
+
     def cache_update(self, state: DecodeState) -> None:
         """Rejected slots beyond ``n_slots`` are simply overwritten by the next step."""
         self._seen = state.n_slots

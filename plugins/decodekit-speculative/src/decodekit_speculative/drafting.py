@@ -63,9 +63,17 @@ class DraftNet:
         self.seen = 0          # slots of the target's buffer (plus drafted ones) in ``kv``
         self.passes = 0        # draft forward passes (stats)
         self.device = model.get_input_embeddings().weight.device
+        self.compactions: int | None = None  # the target cache's compaction count when last synced
 
     def sync(self, state: DecodeState) -> None:
-        """Forget slots the target no longer has (rejected drafts, trimmed holes)."""
+        """Forget slots the target no longer has (rejected drafts, trimmed holes); after the target
+        compacted its slots (decodekit-kvcache's StaticCache, ``stats["compactions"]``) every cached
+        slot is at another index, so the draft starts over from the target's buffer."""
+        compactions = int(state.extras.get("stats", {}).get("compactions", 0))
+        if self.compactions is not None and compactions != self.compactions and self.seen:
+            self.kv.keep(0)
+            self.seen = 0
+        self.compactions = compactions
         n = min(self.seen, state.n_slots)
         if n < self.seen:
             self.kv.keep(n)

@@ -5,6 +5,7 @@ output so far. No draft model; deterministic drafts, so q is one-hot and greedy/
 
 from __future__ import annotations
 
+import sys
 import types
 import warnings
 from typing import Any, Callable
@@ -73,7 +74,8 @@ def compiled_propose(key: tuple, backend: str) -> Callable:
     fn = _PROPOSE_FNS.get((key, backend))
     if fn is None:
         name = "propose_" + "_".join(str(x) for x in key)
-        own = types.FunctionType(propose.__code__.replace(co_name=name, co_qualname=name), propose.__globals__, name)
+        names = {"co_name": name, **({"co_qualname": name} if sys.version_info >= (3, 11) else {})}
+        own = types.FunctionType(propose.__code__.replace(**names), propose.__globals__, name)
         kwargs: dict[str, Any] = {"backend": backend, "dynamic": False}
         if backend == "inductor":
             kwargs["mode"] = "reduce-overhead"  # one CUDA graph launch instead of ~70 small kernels

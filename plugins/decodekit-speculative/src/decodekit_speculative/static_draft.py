@@ -29,6 +29,7 @@ pass function's code object (kept for the process, so later generations reuse it
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 import types
 import weakref
@@ -60,7 +61,7 @@ _PASS_FNS: dict[tuple[str, int], Callable] = {}
 def _own_code(fn: Callable, tag: str) -> Callable:
     """``fn`` with a private code object: dynamo's graph cache and recompile limit are per code object."""
     name = f"{fn.__name__}__{''.join(c if c.isalnum() else '_' for c in tag)}"
-    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    code = fn.__code__.replace(co_name=name, **({"co_qualname": name} if sys.version_info >= (3, 11) else {}))
     return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
@@ -133,11 +134,12 @@ class StaticDraftNet:
             release(old)
         self.store = KVStore(self.layout, self.B, capacity, grow_block=None, ring=ring)
         self.store.attn_impl, self.store.device = self.impl, self.device
-        self.store.pool_tag = f"draft:{self.tag}"
+        self.store.pool_tag, self.store.pooled = f"draft:{self.tag}", self.compiled
         # Leased with the store (decodekit_kvcache.store.lease): the next generation of the same
         # shapes gets the same memory, so the compiled passes' CUDA graphs replay unchanged.
-        self.kvalid = lease(self.store, (self.store.pool_tag, "kvalid"), (self.B, capacity), torch.bool, self.device, False)  # [B, C]
-        self.start = lease(self.store, (self.store.pool_tag, "start"), (), torch.long, self.device, 0)
+        self.kvalid = lease(self.store, (self.store.pool_tag, "kvalid"), (self.B, capacity), torch.bool, self.device, False,
+                            pooled=self.compiled)  # [B, C]
+        self.start = lease(self.store, (self.store.pool_tag, "start"), (), torch.long, self.device, 0, pooled=self.compiled)
         if self.compiled:
             # mutated in place between replays: static addresses keep CUDA graphs valid
             torch._dynamo.mark_static_address(self.kvalid)
