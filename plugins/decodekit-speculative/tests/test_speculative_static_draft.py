@@ -49,8 +49,9 @@ def test_compiled_static_path_is_exact_and_traces_a_fixed_number_of_graphs(model
     assert s["compiled_steps"] == s["forward_passes"] - 1
     traced = graphs() - before
     if name == "lookup":
-        # one target graph and one proposal graph (none if an earlier test traced these shapes)
-        assert traced <= 2
+        # one target graph, one proposal graph and one verify + commit graph (none if an earlier
+        # test traced these shapes)
+        assert traced <= 3
         assert drafter._compiled is not None  # beside a compiled target the proposal is compiled too
     else:
         # the drafter always proposes k, and every draft pass is compiled but the eager prefills:
@@ -58,7 +59,7 @@ def test_compiled_static_path_is_exact_and_traces_a_fixed_number_of_graphs(model
         # target keeps rejected drafts as holes and compacts when they fill its buffer)
         assert s["draft_prefills"] == 1 + s["compactions"]
         assert s["draft_compiled_passes"] == s["draft_forward_passes"] - s["draft_prefills"]
-        assert traced <= 3  # target T=bucket(1+k); draft passes of 2 and 1 queries
+        assert traced <= 4  # target T=bucket(1+k); draft passes of 2 and 1 queries; verify + commit
     # a second generation reuses every graph
     before = graphs()
     again = decodekit.generate(models["llama"], tok, prompts, Strategy(cache=compiled_static(), drafter=drafter, stop_at_eos=False), max_new_tokens=N)

@@ -342,8 +342,10 @@ class StaticCache(_KVCache):
         if Tb > T:
             state.scores = state.scores[:, :T]
             target, probs = target[:, :T], None if probs is None else probs[:, :T]
-        # Graph outputs are overwritten by the next replay: the caller keeps copies.
-        return target.clone(), None if probs is None else probs.clone()
+        # Graph outputs are overwritten by the next replay: the caller keeps copies (contiguous:
+        # a bucket-padded slice keeps the padded strides, and compiled consumers guard on strides).
+        fmt = torch.contiguous_format
+        return target.clone(memory_format=fmt), None if probs is None else probs.clone(memory_format=fmt)
 
     def _make_step(self, T: int) -> Callable:
         model = None if self.module_guards else self._model
