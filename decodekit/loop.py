@@ -9,13 +9,13 @@ stop check (plus decoding text when streaming or watching stop strings).
 
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from decodekit.compiling import own_code
 from decodekit.errors import DecodekitError
 from decodekit.plugins import get_plugin_manager
 from decodekit.state import DecodeState, Proposal
@@ -334,12 +334,7 @@ def _spec_fn(B: int, T: int, backend: str) -> Callable:
     key = (B, T, backend)
     fn = _SPEC_FNS.get(key)
     if fn is None:
-        import sys
-        import types
-
-        name = f"spec_commit_b{B}_t{T}"
-        names = {"co_name": name, **({"co_qualname": name} if sys.version_info >= (3, 11) else {})}
-        own = types.FunctionType(_spec_math.__code__.replace(**names), _spec_math.__globals__, name)
+        own = own_code(_spec_math, f"spec_commit_b{B}_t{T}")
         # No CUDA graphs here: the outputs become the next step's state (a graph would overwrite them)
         # and a few fused kernels launched from Python are already cheap.
         fn = _SPEC_FNS[key] = torch.compile(own, backend=backend, dynamic=False)

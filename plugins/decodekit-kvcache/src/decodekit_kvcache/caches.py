@@ -10,9 +10,7 @@ committed-minus-one. Rollback is O(1): a length pointer for full layers, a posit
 from __future__ import annotations
 
 import itertools
-import sys
 import time
-import types
 import warnings
 import weakref
 from typing import Any, Callable
@@ -20,6 +18,7 @@ from typing import Any, Callable
 import torch
 from pydantic import Field
 
+from decodekit.compiling import own_code
 from decodekit.components import Cache, Sampler
 from decodekit.errors import DecodekitError
 from decodekit.state import DecodeState
@@ -409,9 +408,7 @@ def _step_fn(B: int, T: int, backend: str, chain: str = "", model: Any = None, c
         # One code object per chain too: every processor chain traced through one code object
         # would count against the same budget (a process trying 8 chains ran the 9th eagerly).
         name = f"decode_step_b{B}_t{T}" + (f"_c{len([k for k in _STEP_FNS if k[:3] == key[:3]])}" if chain or own_model else "")
-        names = {"co_name": name, **({"co_qualname": name} if sys.version_info >= (3, 11) else {})}
-        code = _decode_step.__code__.replace(**names)
-        own = types.FunctionType(code, _decode_step.__globals__, name)
+        own = own_code(_decode_step, name)
         kwargs: dict[str, Any] = {"backend": backend, "dynamic": False}
         options: dict[str, Any] = {}
         if backend == "inductor":

@@ -5,14 +5,13 @@ output so far. No draft model; deterministic drafts, so q is one-hot and greedy/
 
 from __future__ import annotations
 
-import sys
-import types
 import warnings
 from typing import Any, Callable
 
 import torch
 from pydantic import field_validator, model_validator
 
+from decodekit.compiling import own_code
 from decodekit.components import Drafter
 from decodekit.state import DecodeState, Proposal
 
@@ -73,9 +72,7 @@ _PROPOSE_FNS: dict[tuple, Callable] = {}
 def compiled_propose(key: tuple, backend: str) -> Callable:
     fn = _PROPOSE_FNS.get((key, backend))
     if fn is None:
-        name = "propose_" + "_".join(str(x) for x in key)
-        names = {"co_name": name, **({"co_qualname": name} if sys.version_info >= (3, 11) else {})}
-        own = types.FunctionType(propose.__code__.replace(**names), propose.__globals__, name)
+        own = own_code(propose, "propose_" + "_".join(str(x) for x in key))
         kwargs: dict[str, Any] = {"backend": backend, "dynamic": False}
         if backend == "inductor":
             kwargs["mode"] = "reduce-overhead"  # one CUDA graph launch instead of ~70 small kernels

@@ -29,14 +29,13 @@ pass function's code object (kept for the process, so later generations reuse it
 from __future__ import annotations
 
 import itertools
-import sys
 import time
-import types
 import weakref
 from typing import Any, Callable
 
 import torch
 
+from decodekit.compiling import own_code
 from decodekit.errors import DecodekitError
 from decodekit.state import DecodeState
 from decodekit_kvcache.layout import layout_from_config, round_up
@@ -58,18 +57,11 @@ def draft_pass(model: Any, store: KVStore, ids: torch.Tensor, pos: torch.Tensor,
 _PASS_FNS: dict[tuple[str, int], Callable] = {}
 
 
-def _own_code(fn: Callable, tag: str) -> Callable:
-    """``fn`` with a private code object: dynamo's graph cache and recompile limit are per code object."""
-    name = f"{fn.__name__}__{''.join(c if c.isalnum() else '_' for c in tag)}"
-    code = fn.__code__.replace(co_name=name, **({"co_qualname": name} if sys.version_info >= (3, 11) else {}))
-    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
-
-
 def compile_pass(tag: str, Q: int, backend: str) -> Callable:
     key = (tag, Q)
     fn = _PASS_FNS.get(key)
     if fn is None:
-        fn = _PASS_FNS[key] = _own_code(draft_pass, f"{tag}_q{Q}")
+        fn = _PASS_FNS[key] = own_code(draft_pass, f"draft_pass__{tag}_q{Q}")
     # The tag names one draft network object, so dynamo's guards on its nn.Module attributes can be
     # skipped (most of a compiled call's host cost; see decodekit-kvcache's _step_fn): the
     # network is assumed not to be edited in place between generations.
