@@ -18,7 +18,17 @@ def _failing_backend(gm, example_inputs):
 def test_compile_failure_falls_back_to_eager_and_stays_exact(monkeypatch):
     monkeypatch.setenv("DECODEKIT_PLUGINS", "kvcache")
     decodekit.reset_plugin_manager()
+    # One thread for this test only: dynamo guards on the thread count, so leaving it changed
+    # would make every later test's compiled steps recompile.
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        _check_fallback()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_fallback():
     model, tok = tiny_model("llama"), tiny_tokenizer()
     prompts = ["the cat sat on", "a"]
     s = Strategy(cache={"name": "StaticCache", "compile": True, "compile_backend": "dk_failing_backend"}, stop_at_eos=False)
