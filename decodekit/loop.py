@@ -545,22 +545,17 @@ def run(state: DecodeState, strategy: Strategy) -> Iterator[DecodeState]:
                 else:
                     _commit(state, inputs, state.n_proposed, target.select(1, 0))
             else:
-                fn = None
+                d = m = None
                 if spec_backend is not None and proposal.probs is None and cache.keeps_holes():
-                    fn = _spec_fn(B, inputs.shape[1], spec_backend)
-                try:
-                    if fn is None:
-                        raise LookupError  # the eager path below
-                    d, m = _commit_compiled(state, inputs, target, fn, budget)
-                except LookupError:
-                    d = m = None
-                except Exception as e:
-                    if not _is_compiler_error(e):
-                        raise
-                    # Compiling happens before anything runs: the eager path is exact from here on.
-                    warnings.warn(f"decodekit: compiling verify + commit failed ({type(e).__name__}); running it eagerly",
-                                  RuntimeWarning, stacklevel=2)
-                    spec_backend, d, m = None, None, None
+                    try:
+                        d, m = _commit_compiled(state, inputs, target, _spec_fn(B, inputs.shape[1], spec_backend), budget)
+                    except Exception as e:
+                        if not _is_compiler_error(e):
+                            raise
+                        # Compiling happens before anything runs: the eager path is exact from here on.
+                        warnings.warn(f"decodekit: compiling verify + commit failed ({type(e).__name__}); running it eagerly",
+                                      RuntimeWarning, stacklevel=2)
+                        spec_backend = None
                 if d is None:
                     n, nxt = verify(state, target, probs, proposal)
                     n = n.masked_fill(state.finished, 0)
