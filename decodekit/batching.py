@@ -214,6 +214,8 @@ class Cohort:
     def end(self) -> None:
         if not self.ended:
             self.ended = True
+            for c in [*self.processors, self.sampler] + ([self.drafter] if self.drafter else []):
+                c.teardown(self.view)
             get_plugin_manager().call("decodekit_generation_end", state=self.view)
 
 

@@ -57,6 +57,11 @@ class Component(BaseModel):
     def setup(self, state: DecodeState) -> None:
         """Reset per-generation working state (called once before prefill)."""
 
+    def teardown(self, state: DecodeState) -> None:
+        """The generation is over (finished, interrupted or failed): hand back what ``setup`` took
+        that others could reuse now. Called once, after the last step; the component must not
+        touch those resources again until its next ``setup``."""
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.component_name(), **self.model_dump(mode="json")}
 

@@ -606,4 +606,9 @@ def run(state: DecodeState, strategy: Strategy) -> Iterator[DecodeState]:
                 break
     finally:
         torch.set_grad_enabled(grad)
+        # Now, not when the garbage collector finds the state: a component and the strategy that
+        # holds it form a cycle, and pooled buffers returned late are buffers the next generation
+        # allocates anew (at new addresses, so its compiled CUDA graphs re-record).
+        for c in components:
+            c.teardown(state)
         pm.call("decodekit_generation_end", state=state)

@@ -137,3 +137,32 @@ def test_fixed_width_prompt_lookup_matches_variable_width(models, tok):
         out[fixed] = decodekit.generate(models["llama"], tok, PROMPTS, Strategy(drafter=d, stop_at_eos=False), max_new_tokens=24)
     assert out[True].token_ids == out[False].token_ids
     assert out[True].stats["accepted"] == out[False].stats["accepted"]
+
+
+@pytest.mark.parametrize("name", ["draft-model", "self-spec"])
+def test_draft_buffers_go_back_when_the_generation_ends(models, tok, oracle, name):
+    """A fresh strategy per call, no garbage collection in between: the next generation's target
+    and draft stores get the same addresses (on a GPU their CUDA graphs then replay instead of
+    re-recording), and the output stays exact."""
+    import gc
+
+    from decodekit_kvcache.store import free_buffers
+
+    model = models["llama"]
+    draft_model = tiny_model("llama", seed=2)
+    gc.collect()
+    free_buffers()
+    gc.disable()
+    try:
+        seen, outs = [], []
+        for _ in range(2):
+            drafter = DraftModel(model=draft_model, k=3) if name == "draft-model" else make(name, "llama")
+            s = Strategy(cache=compiled_static(), drafter=drafter, stop_at_eos=False)
+            outs.append(decodekit.generate(model, tok, PROMPTS[:2], s, max_new_tokens=N).token_ids)
+            net = drafter._net.store
+            seen.append(([t.data_ptr() for t in net.keys if t is not None], [t.data_ptr() for t in s.cache._store.keys if t is not None]))
+            del s, drafter
+    finally:
+        gc.enable()
+    assert seen[0] == seen[1]
+    assert outs[0] == outs[1] == oracle("llama", PROMPTS[:2], N)

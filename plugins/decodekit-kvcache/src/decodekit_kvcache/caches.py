@@ -74,6 +74,13 @@ class _KVCache(Cache):
     )
 
     # ------------------------------------------------------------------ setup
+    def teardown(self, state: DecodeState) -> None:
+        # Pooled buffers (compiled stores only) go back now: the next generation of these shapes
+        # replays its CUDA graphs on them (see store.lease).
+        store = self.__dict__.get("_store")
+        if store is not None:
+            release(store)
+
     def _capacity(self, state: DecodeState, T_max: int) -> tuple[int, int | None]:
         """(full-layer slots to allocate now, growth block or None for static)."""
         raise NotImplementedError

@@ -66,6 +66,13 @@ class AdaptiveFields(Drafter):
             return DraftNet(model, **eager)
         return StaticDraftNet(model, state, self.k, backend=self.compile_backend or backend, compiled=True, tag=tag)
 
+    def teardown(self, state: DecodeState) -> None:
+        from decodekit_speculative.static_draft import StaticDraftNet
+
+        net = self.__dict__.get("_net")
+        if isinstance(net, StaticDraftNet):  # its pooled buffers serve the next generation now
+            net.release()
+
     def _propose(self, state: DecodeState, **kwargs: Any) -> Proposal | None:
         net = self._net
         if isinstance(net, DraftNet):
