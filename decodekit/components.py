@@ -8,6 +8,8 @@ signatures of the matching hooks in :mod:`decodekit.hookspecs`.
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any, Callable, ClassVar, Literal
 
 import torch
@@ -99,6 +101,22 @@ class Drafter(Component):
         return int(getattr(self, "k", 0))
 
 
+def eager_attention(device: torch.device) -> contextlib.AbstractContextManager:
+    """The SDPA kernels an eager forward may use: on CUDA every backend but cuDNN's.
+
+    cuDNN attention builds an execution plan per new sequence length: the first forward of a prompt
+    length not seen before cost 87 ms instead of 25 for SmolLM2-135M on an H200 (flash: 29 ms;
+    ``benchmarks/prefill_attention_gpu.py``). Eager forwards are the prefills (a new length almost
+    every request: a server's time to first token) and dynamic-cache steps (a new KV length every
+    step). Flash and memory-efficient kernels have no per-shape setup; the math kernel is the
+    fallback that always exists. Compiled steps are traced once per shape and are left alone."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def slot_attention_mask(model: Any, valid: torch.Tensor, positions: torch.Tensor, n_query: int) -> Any:
     """The ``attention_mask`` for a forward over slots that may hold holes.
 
@@ -166,14 +184,15 @@ class Cache(Component):
         position_ids = torch.cat([state.slot_positions()[:, seen:], new_pos], 1)
         mask = torch.cat([state.valid, torch.ones(B, T, dtype=torch.bool, device=state.device)], 1)
         pkv = self.past_key_values()
-        out = state.model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=slot_attention_mask(state.model, mask, torch.cat([state.slot_positions(), new_pos], 1), input_ids.shape[1]),
-            past_key_values=pkv,
-            use_cache=pkv is not None,
-            logits_to_keep=T,
-        )
+        with eager_attention(state.device):
+            out = state.model(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                attention_mask=slot_attention_mask(state.model, mask, torch.cat([state.slot_positions(), new_pos], 1), input_ids.shape[1]),
+                past_key_values=pkv,
+                use_cache=pkv is not None,
+                logits_to_keep=T,
+            )
         if pkv is not None:
             self._seen = state.n_slots + T
         return out.logits[:, -T:]

@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 
 from decodekit.compiling import own_code
-from decodekit.components import Cache, Sampler
+from decodekit.components import Cache, Sampler, eager_attention
 from decodekit.errors import DecodekitError
 from decodekit.state import DecodeState
 
@@ -138,7 +138,8 @@ class _KVCache(Cache):
         else:
             kv_valid = torch.cat([state.valid[:, :seen], torch.zeros_like(qvalid)], 1)  # [B, seen+Q]
         first_new = state.committed - 1 if self._layout.n_sliding else None  # only rings need it
-        logits = run_model(state.model, store, ids, pos, qvalid, kv_valid, seen, first_new, T, self_filled=filled)
+        with eager_attention(state.device):  # no cuDNN plan per new length (see eager_attention)
+            logits = run_model(state.model, store, ids, pos, qvalid, kv_valid, seen, first_new, T, self_filled=filled)
         self._note_written(pos, qvalid)
         self._seen = seen + Q
         return logits

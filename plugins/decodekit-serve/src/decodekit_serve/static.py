@@ -46,7 +46,7 @@ import torch
 from pydantic import Field
 
 from decodekit.batching import Batch, RowSpec
-from decodekit.components import Cache
+from decodekit.components import Cache, eager_attention
 from decodekit.errors import DecodekitError
 from decodekit.loop import _trim
 from decodekit.state import DecodeState
@@ -244,7 +244,8 @@ class StaticBatchCache(Cache):
         else:
             kv_valid = torch.cat([state.valid[:n], torch.zeros_like(qvalid)], 1)  # [n, seen + T]
         first_new = state.committed[:n] - 1 if self._layout.n_sliding else None
-        logits = run_model(state.model, store, inputs[:n], pos, qvalid, kv_valid, seen, first_new, T, self_filled=T == 1)
+        with eager_attention(state.device):
+            logits = run_model(state.model, store, inputs[:n], pos, qvalid, kv_valid, seen, first_new, T, self_filled=T == 1)
         if self._layout.window:
             self._high[:n] = torch.maximum(self._high[:n], pos[:, -1])
         self._seen = seen + T

@@ -36,6 +36,7 @@ from typing import Any, Callable
 import torch
 
 from decodekit.compiling import own_code
+from decodekit.components import eager_attention
 from decodekit.errors import DecodekitError
 from decodekit.state import DecodeState
 from decodekit_kvcache.layout import layout_from_config, round_up
@@ -180,7 +181,7 @@ class StaticDraftNet:
         qvalid = torch.cat([state.valid, ones], 1)                                  # [B, S+1]
         self.store.kv_len = S + 1
         first_new = state.committed - 1 if self.layout.n_sliding else None
-        with torch.no_grad():
+        with torch.no_grad(), eager_attention(state.device):  # the draft's prefill: a new length each time
             logits = run_model(self.model, self.store, ids, pos, qvalid, torch.zeros_like(qvalid), 0, first_new, 1)
         self.kvalid[:, : S + 1].copy_(qvalid)
         if self.hi > S + 1:
