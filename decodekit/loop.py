@@ -483,8 +483,15 @@ def run(state: DecodeState, strategy: Strategy) -> Iterator[DecodeState]:
     no_proposals = torch.zeros(state.batch_size, dtype=torch.long, device=state.device)
     drafted = torch.zeros((), dtype=torch.long, device=state.device)
     matched = torch.zeros((), dtype=torch.long, device=state.device)
-    for c in components:
-        c.setup(state)
+    ready = []
+    try:
+        for c in components:
+            c.setup(state)
+            ready.append(c)
+    except BaseException:  # a later component refused: the earlier ones give back what they took
+        for c in ready:
+            c.teardown(state)
+        raise
     pm.call("decodekit_generation_start", state=state)
     # Decoding needs no autograd graph; switched off per step, not around the generator, so the
     # caller's grad mode is untouched between yields.

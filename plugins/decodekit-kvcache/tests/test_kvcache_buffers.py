@@ -150,3 +150,35 @@ def test_an_interrupted_stream_gives_its_buffers_back(models, tok):
     finally:
         gc.enable()
     assert r.token_ids == oracle(model, tok, PROMPTS, N)
+
+
+def test_a_strategy_that_fails_in_setup_gives_the_buffers_back(models, tok):
+    """The cache is set up first (it leases its buffers then; KV tensors come at the first
+    forward); a processor whose setup raises after it must not strand them."""
+
+    class Refuses(decodekit.Processor):
+        def setup(self, state):
+            raise ValueError("Refuses: no")
+
+        def process_logits(self, state):  # pragma: no cover - never reached
+            return None
+
+    model = models["llama"]
+    gc.collect()
+    free_buffers()
+    gc.disable()
+    try:
+        bad = Strategy(cache=StaticCache(compile=True, compile_backend="eager"), processors=[Refuses()], stop_at_eos=False)
+        try:
+            decodekit.generate(model, tok, PROMPTS, bad, max_new_tokens=N)
+        except ValueError as e:
+            assert "Refuses" in str(e)
+        else:  # pragma: no cover
+            raise AssertionError("the failing setup did not raise")
+        good = Strategy(cache=StaticCache(compile=True, compile_backend="eager"), stop_at_eos=False)
+        r = decodekit.generate(model, tok, PROMPTS, good, max_new_tokens=N)
+        assert ptrs(bad) == [bad.cache._kvalid.data_ptr()]  # no forward ran: no KV tensors yet
+        assert good.cache._kvalid.data_ptr() == bad.cache._kvalid.data_ptr()
+    finally:
+        gc.enable()
+    assert r.token_ids == oracle(model, tok, PROMPTS, N)
