@@ -19,6 +19,7 @@ from transformers import DynamicCache, SuppressTokensLogitsProcessor
 
 import decodekit
 from decodekit import NoCache, Strategy
+from decodekit.components import cache_kwarg
 from decodekit.testing import tiny_model, tiny_tokenizer
 
 PROMPT = "Explain in a few sentences why the sky is blue."
@@ -52,10 +53,11 @@ def bare_loop(model, n, device):
     t = time.perf_counter()
     with torch.no_grad():
         pkv = DynamicCache(config=model.config)
-        logits = model(input_ids=ids, past_key_values=pkv, use_cache=True, logits_to_keep=1).logits
+        kw = cache_kwarg(model)  # "cache" on newer transformers: the old name warns on every call
+        logits = model(input_ids=ids, **{kw: pkv}, use_cache=True, logits_to_keep=1).logits
         tok = logits[:, -1].argmax(-1, keepdim=True)
         for _ in range(n - 1):
-            logits = model(input_ids=tok, past_key_values=pkv, use_cache=True, logits_to_keep=1).logits
+            logits = model(input_ids=tok, **{kw: pkv}, use_cache=True, logits_to_keep=1).logits
             tok = logits[:, -1].argmax(-1, keepdim=True)
         tok.tolist()  # one sync, like decodekit's stop check
     sync(device)

@@ -9,6 +9,7 @@ signatures of the matching hooks in :mod:`decodekit.hookspecs`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 from typing import Any, Callable, ClassVar, Literal
 
@@ -101,6 +102,26 @@ class Drafter(Component):
         return int(getattr(self, "k", 0))
 
 
+#: The forward's keyword for the KV cache, per model class. transformers renamed
+#: ``past_key_values`` to ``cache`` in 5.2x (the old name warns on every call and goes in 5.40);
+#: remote-code models may still only know the old one.
+_CACHE_KWARG: dict[type, str] = {}
+
+
+def cache_kwarg(model: Any) -> str:
+    """``"cache"`` if ``model``'s forward takes it, else ``"past_key_values"``. Memoised per class;
+    call it once outside compiled code (it reads a signature) before a compiled step uses it."""
+    cls = type(model)
+    name = _CACHE_KWARG.get(cls)
+    if name is None:
+        try:
+            params = inspect.signature(cls.forward).parameters
+        except (TypeError, ValueError):  # a forward without a readable signature: the old name
+            params = {}
+        name = _CACHE_KWARG[cls] = "cache" if "cache" in params else "past_key_values"
+    return name
+
+
 def eager_attention(device: torch.device) -> contextlib.AbstractContextManager:
     """The SDPA kernels an eager forward may use: on CUDA every backend but cuDNN's.
 
@@ -189,7 +210,7 @@ class Cache(Component):
                 input_ids=input_ids,
                 position_ids=position_ids,
                 attention_mask=slot_attention_mask(state.model, mask, torch.cat([state.slot_positions(), new_pos], 1), input_ids.shape[1]),
-                past_key_values=pkv,
+                **{cache_kwarg(state.model): pkv},
                 use_cache=pkv is not None,
                 logits_to_keep=T,
             )

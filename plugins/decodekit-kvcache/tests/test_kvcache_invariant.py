@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache as HFDynamicCache
 
 import decodekit
+from decodekit.components import cache_kwarg
 from decodekit.loop import prepare, run
 from decodekit_kvcache.layout import FULL
 
@@ -35,7 +36,7 @@ class RecomputeCheck(decodekit.Processor):
 def _fresh_kv(model, ids):
     with torch.no_grad():
         pkv = HFDynamicCache()  # full layers: every position kept, the oracle for rings too
-        model(input_ids=torch.tensor([ids]), past_key_values=pkv, use_cache=True)
+        model(input_ids=torch.tensor([ids]), **{cache_kwarg(model): pkv}, use_cache=True)
     return [(layer.keys[0], layer.values[0]) for layer in pkv.layers]  # [H, n, D] each
 
 

@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 
 from decodekit.compiling import own_code
-from decodekit.components import Cache, Sampler, eager_attention
+from decodekit.components import Cache, Sampler, cache_kwarg, eager_attention
 from decodekit.errors import DecodekitError
 from decodekit.state import DecodeState
 
@@ -97,6 +97,7 @@ class _KVCache(Cache):
                 f"cannot take; load the model with attn_implementation='sdpa' (or 'eager')"
             )
         self._layout: Layout = layout_from_config(model.config)
+        cache_kwarg(model)  # read the forward's signature now, not inside a compiled step
         T_max = self._t_max(state)
         self._depth = T_max - 1 + self.max_rollback
         capacity, block = self._capacity(state, T_max)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache as HFCache
 
+from decodekit.components import cache_kwarg
 from decodekit_kvcache.layout import FULL, SLIDING, Layout, round_up
 
 
@@ -290,7 +291,8 @@ def run_model(
         ring_idx = torch.where(land, pos % R, R)                   # [B, Q]
     store.slots, store.ring_idx = slots, ring_idx
     mask: Any = masks if len(masks) > 1 else next(iter(masks.values()), None)
-    out = model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=store, use_cache=True, logits_to_keep=keep)
+    out = model(input_ids=ids, position_ids=pos, attention_mask=mask, **{cache_kwarg(model): store}, use_cache=True,
+                logits_to_keep=keep)
     if ring_idx is not None:
         store.ring_pos.scatter_(1, ring_idx, pos)
         store.ring_pos[:, -1] = -1                                  # scratch never holds a position

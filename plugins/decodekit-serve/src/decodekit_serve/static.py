@@ -46,7 +46,7 @@ import torch
 from pydantic import Field
 
 from decodekit.batching import Batch, RowSpec
-from decodekit.components import Cache, eager_attention
+from decodekit.components import Cache, cache_kwarg, eager_attention
 from decodekit.errors import DecodekitError
 from decodekit.loop import _trim
 from decodekit.state import DecodeState
@@ -92,6 +92,7 @@ class StaticBatchCache(Cache):
                 "load the model with attn_implementation='sdpa' (or 'eager'), or serve with --cache dynamic"
             )
         layout = self._layout = layout_from_config(model.config)
+        cache_kwarg(model)  # read the forward's signature now, not inside the compiled step
         B = state.batch_size
         ring = layout.window + self.max_depth if layout.window else 0
         store = KVStore(layout, B, self.max_len, grow_block=None, ring=ring)

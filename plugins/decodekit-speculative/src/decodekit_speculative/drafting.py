@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from decodekit import rng
-from decodekit.components import slot_attention_mask
+from decodekit.components import cache_kwarg, slot_attention_mask
 from decodekit.state import DecodeState, Proposal
 
 
@@ -90,7 +90,7 @@ class DraftNet:
                 input_ids=ids.to(self.device),
                 position_ids=positions[:, -t:].to(self.device),
                 attention_mask=attn,
-                past_key_values=self.kv,
+                **{cache_kwarg(self.model): self.kv},
                 use_cache=True,
                 logits_to_keep=1,
             )

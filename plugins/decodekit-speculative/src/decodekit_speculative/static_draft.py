@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 
 from decodekit.compiling import own_code
-from decodekit.components import eager_attention
+from decodekit.components import cache_kwarg, eager_attention
 from decodekit.errors import DecodekitError
 from decodekit.state import DecodeState
 from decodekit_kvcache.layout import layout_from_config, round_up
@@ -103,6 +103,7 @@ class StaticDraftNet:
             )
         self.model, self.k, self.tag, self.backend, self.compiled = model, k, tag, backend, compiled
         self.layout = layout_from_config(cfg)
+        cache_kwarg(model)  # read the forward's signature now, not inside a compiled pass
         self.device = state.device
         self.impl = impl
         self.B = state.batch_size
