@@ -45,7 +45,7 @@ def sequences(model, tok, prompts, chat: bool, n: int) -> list[tuple[torch.Tenso
         state, _ = prepare(model, tok, [p], Strategy(), max_new_tokens=1, chat=chat)
         ids = torch.tensor([state.prompt_ids[0] + r.token_ids[0]])
         P = len(state.prompt_ids[0])
-        out.append((ids, P, model(ids).logits[0, P - 1:-1].argmax(-1)))
+        out.append((ids, P, model(ids, logits_to_keep=ids.shape[1] - P + 1).logits[0, :-1].argmax(-1)))
     return out
 
 
@@ -70,9 +70,10 @@ def simulate(data, c: float) -> tuple[float, int, float]:
     return best
 
 
-def candidates(L: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+def candidates(L: int, sizes: tuple[int, ...]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Blocks of consecutive sublayers starting in the first half (the middle agrees best)."""
     out = []
-    for a0, n in itertools.product(range(L // 5, L // 2 + 1, max(1, L // 15)), (1, 2, 3, 4, 6, 8, 10, 12)):
+    for a0, n in itertools.product(range(L // 5, L // 2 + 1, max(1, L // 15)), sizes):
         block = tuple(range(a0, min(a0 + n, L)))
         out += [(block, ()), ((), block), (block, block)]
     return sorted(set(out))
@@ -85,6 +86,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=56)
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--sizes", default=None, help="block sizes to try (default 1,2,3,4,6,8,10,12; Gemma 1,2,3,4,6)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,11 +107,13 @@ def main() -> None:
     L = len(decoder_layers(model))
     seqs = sequences(model, tok, prompts, chat, args.new_tokens)
     rows = []
-    for attn, mlp in candidates(L):
+    sizes = args.sizes or ("1,2,3,4,6" if args.gemma else "1,2,3,4,6,8,10,12")
+    for attn, mlp in candidates(L, tuple(int(x) for x in sizes.split(","))):
         view = skipped_view(model, attn, mlp)
         data = []
         for ids, P, ref in seqs:
-            prob, top = view(ids).logits[0, P - 1:-1].float().softmax(-1).max(-1)
+            logits = view(ids, logits_to_keep=ids.shape[1] - P + 1).logits[0, :-1]  # positions P-1 .. end-1
+            prob, top = logits.float().softmax(-1).max(-1)
             data.append(((top == ref).tolist(), prob.tolist()))
         c = 1 - (len(attn) + len(mlp)) / (2 * L)
         agree = sum(sum(ok) for ok, _ in data) / sum(len(ok) for ok, _ in data)
