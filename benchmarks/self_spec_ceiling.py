@@ -14,7 +14,7 @@ can only approximate it).
     python benchmarks/self_spec_ceiling.py --gemma          # Gemma-3-270M base (plain-text prompts)
 
 Prints the best skip sets as a table. Measured (2-core CPU, fp32): SmolLM2-135M 1.037x at best,
-Gemma-3-270M 1.075x (docs/benchmarks.md, fourth round).
+Gemma-3-270M 1.084x (docs/benchmarks.md, fourth round).
 """
 
 from __future__ import annotations
