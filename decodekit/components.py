@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-
 from typing import Any, Callable, ClassVar, Literal
 
 import torch
