@@ -18,3 +18,17 @@ def own_code(fn: Callable, name: str) -> Callable:
     name = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
     names = {"co_name": name, **({"co_qualname": name} if sys.version_info >= (3, 11) else {})}
     return types.FunctionType(fn.__code__.replace(**names), fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
+def is_compile_error(e: BaseException) -> bool:
+    """Did torch.compile fail to compile (as opposed to the compiled code failing at run time)?
+    Compiling happens before a compiled function runs, so after such an error the eager path is
+    exact; every compiled piece falls back on exactly these."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    try:
+        from torch._inductor.exc import InductorError
+    except ImportError:  # pragma: no cover - older torch
+        InductorError = BackendCompilerFailed  # noqa: N806
+    return isinstance(e, (BackendCompilerFailed, InductorError))
+

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from decodekit.compiling import own_code
+from decodekit.compiling import is_compile_error, own_code
 from decodekit.errors import DecodekitError
 from decodekit.plugins import get_plugin_manager
 from decodekit.state import DecodeState, Proposal
@@ -355,10 +355,6 @@ def _commit_compiled(state: DecodeState, inputs: torch.Tensor, target: torch.Ten
     return drafted, matched
 
 
-def _is_compiler_error(e: BaseException) -> bool:
-    return type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))
-
-
 def _apply_rollback(state: DecodeState, m: torch.Tensor) -> None:
     """Un-commit the last ``m[r]`` tokens of each row (requested by a component)."""
     m = torch.minimum(m.clamp_min(0), state.n_new)
@@ -557,7 +553,7 @@ def run(state: DecodeState, strategy: Strategy) -> Iterator[DecodeState]:
                     try:
                         d, m = _commit_compiled(state, inputs, target, _spec_fn(B, inputs.shape[1], spec_backend), budget)
                     except Exception as e:
-                        if not _is_compiler_error(e):
+                        if not is_compile_error(e):
                             raise
                         # Compiling happens before anything runs: the eager path is exact from here on.
                         warnings.warn(f"decodekit: compiling verify + commit failed ({type(e).__name__}); running it eagerly",

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from pydantic import Field
 
-from decodekit.compiling import own_code
+from decodekit.compiling import is_compile_error, own_code
 from decodekit.components import Cache, Sampler, cache_kwarg, eager_attention
 from decodekit.errors import DecodekitError
 from decodekit.state import DecodeState
@@ -334,7 +334,7 @@ class StaticCache(_KVCache):
         except Exception as e:
             # Compiling happens before the graph runs (on a first call or a recompile), so a
             # compiler error leaves the state untouched.
-            if not _is_compile_error(e):
+            if not is_compile_error(e):
                 raise
             state.proposals = proposals
             self._fns.pop(Tb, None)
@@ -448,16 +448,6 @@ def compile_with(fn: Callable, kwargs: dict[str, Any], options: dict[str, Any]) 
 
 class _CompileFailed(Exception):
     """The compiler could not build the decode step (raised before the step ran)."""
-
-
-def _is_compile_error(e: Exception) -> bool:
-    from torch._dynamo.exc import BackendCompilerFailed
-
-    try:
-        from torch._inductor.exc import InductorError
-    except ImportError:  # pragma: no cover - older torch
-        InductorError = BackendCompilerFailed  # noqa: N806
-    return isinstance(e, (BackendCompilerFailed, InductorError))
 
 
 class SlidingWindowCache(StaticCache):

@@ -46,13 +46,14 @@ import torch
 from pydantic import Field
 
 from decodekit.batching import Batch, RowSpec
+from decodekit.compiling import is_compile_error
 from decodekit.components import Cache, cache_kwarg, eager_attention
 from decodekit.errors import DecodekitError
 from decodekit.loop import _trim
 from decodekit.state import DecodeState
 from decodekit.strategy import Strategy
 from decodekit_kvcache import DynamicCache as KVDynamicCache
-from decodekit_kvcache.caches import _CompileFailed, _is_compile_error, _step_fn, bucket
+from decodekit_kvcache.caches import _CompileFailed, _step_fn, bucket
 from decodekit_kvcache.layout import FULL, kv_bytes, layout_from_config
 from decodekit_kvcache.store import KVStore, run_model
 
@@ -203,7 +204,7 @@ class StaticBatchCache(Cache):
             scores, _ = fn(state.model, self._store, _no_processors, _SCORES, _StepIn(state.committed), inputs, qvalid, kv, self._start)
         except Exception as e:
             # Compiling happens before the step runs, so a compiler error leaves the cache as it was.
-            if not _is_compile_error(e):
+            if not is_compile_error(e):
                 raise
             raise _CompileFailed(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
         if first:

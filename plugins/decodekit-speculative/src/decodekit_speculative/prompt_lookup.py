@@ -146,9 +146,9 @@ class PromptLookup(Drafter):
                     torch.compiler.cudagraph_mark_step_begin()
                 tokens, n = fn(*args)
             except Exception as e:
-                from decodekit_kvcache.caches import _is_compile_error
+                from decodekit.compiling import is_compile_error
 
-                if not _is_compile_error(e):
+                if not is_compile_error(e):
                     raise
                 # A compiler error must not cost the generation: the eager proposal is the same.
                 warnings.warn(f"decodekit PromptLookup: compiling the proposal failed ({type(e).__name__}); drafting eagerly",
