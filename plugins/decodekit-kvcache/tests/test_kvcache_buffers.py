@@ -6,12 +6,14 @@ transformers' greedy), and idle buffers are bounded: one shape per role, none fo
 
 import gc
 
+import pytest
 import torch
 
 import decodekit
 from decodekit import Strategy
 from decodekit_kvcache import StaticCache
 from decodekit_kvcache.store import _FREE, free_buffers
+from decodekit_kvcache.testing import without_garbage_collector
 
 PROMPTS = ["the cat and the dog", "on and on"]
 N = 12
@@ -117,18 +119,13 @@ def test_a_new_strategy_reuses_the_buffers_without_the_garbage_collector(models,
     re-recording per generation: ~17 ms in the H200 profile)."""
     model = models["llama"]
     want = oracle(model, tok, PROMPTS, N)
-    gc.collect()
-    free_buffers()
-    gc.disable()
-    try:
+    with without_garbage_collector():
         seen, outs = [], []
         for _ in range(3):
             s = Strategy(cache=StaticCache(compile=True, compile_backend="eager"), stop_at_eos=False)
             outs.append(decodekit.generate(model, tok, PROMPTS, s, max_new_tokens=N).token_ids)
             seen.append(ptrs(s))
             del s
-    finally:
-        gc.enable()
     assert seen[0] == seen[1] == seen[2]
     assert outs == [want] * 3
 
@@ -136,10 +133,7 @@ def test_a_new_strategy_reuses_the_buffers_without_the_garbage_collector(models,
 def test_an_interrupted_stream_gives_its_buffers_back(models, tok):
     """A consumer that stops reading early (closing the stream) ends the generation too."""
     model = models["llama"]
-    gc.collect()
-    free_buffers()
-    gc.disable()
-    try:
+    with without_garbage_collector():
         a = Strategy(cache=StaticCache(compile=True, compile_backend="eager"), stop_at_eos=False)
         it = decodekit.stream(model, tok, PROMPTS, a, max_new_tokens=N)
         next(it)
@@ -147,8 +141,6 @@ def test_an_interrupted_stream_gives_its_buffers_back(models, tok):
         b = Strategy(cache=StaticCache(compile=True, compile_backend="eager"), stop_at_eos=False)
         r = decodekit.generate(model, tok, PROMPTS, b, max_new_tokens=N)
         assert ptrs(a) == ptrs(b)
-    finally:
-        gc.enable()
     assert r.token_ids == oracle(model, tok, PROMPTS, N)
 
 
@@ -164,21 +156,12 @@ def test_a_strategy_that_fails_in_setup_gives_the_buffers_back(models, tok):
             return None
 
     model = models["llama"]
-    gc.collect()
-    free_buffers()
-    gc.disable()
-    try:
+    with without_garbage_collector():
         bad = Strategy(cache=StaticCache(compile=True, compile_backend="eager"), processors=[Refuses()], stop_at_eos=False)
-        try:
+        with pytest.raises(ValueError, match="Refuses"):
             decodekit.generate(model, tok, PROMPTS, bad, max_new_tokens=N)
-        except ValueError as e:
-            assert "Refuses" in str(e)
-        else:  # pragma: no cover
-            raise AssertionError("the failing setup did not raise")
         good = Strategy(cache=StaticCache(compile=True, compile_backend="eager"), stop_at_eos=False)
         r = decodekit.generate(model, tok, PROMPTS, good, max_new_tokens=N)
         assert ptrs(bad) == [bad.cache._kvalid.data_ptr()]  # no forward ran: no KV tensors yet
         assert good.cache._kvalid.data_ptr() == bad.cache._kvalid.data_ptr()
-    finally:
-        gc.enable()
     assert r.token_ids == oracle(model, tok, PROMPTS, N)

@@ -144,16 +144,11 @@ def test_draft_buffers_go_back_when_the_generation_ends(models, tok, oracle, nam
     """A fresh strategy per call, no garbage collection in between: the next generation's target
     and draft stores get the same addresses (on a GPU their CUDA graphs then replay instead of
     re-recording), and the output stays exact."""
-    import gc
-
-    from decodekit_kvcache.store import free_buffers
+    from decodekit_kvcache.testing import without_garbage_collector
 
     model = models["llama"]
     draft_model = tiny_model("llama", seed=2)
-    gc.collect()
-    free_buffers()
-    gc.disable()
-    try:
+    with without_garbage_collector():
         seen, outs = [], []
         for _ in range(2):
             drafter = DraftModel(model=draft_model, k=3) if name == "draft-model" else make(name, "llama")
@@ -162,7 +157,5 @@ def test_draft_buffers_go_back_when_the_generation_ends(models, tok, oracle, nam
             net = drafter._net.store
             seen.append(([t.data_ptr() for t in net.keys if t is not None], [t.data_ptr() for t in s.cache._store.keys if t is not None]))
             del s, drafter
-    finally:
-        gc.enable()
     assert seen[0] == seen[1]
     assert outs[0] == outs[1] == oracle("llama", PROMPTS[:2], N)
